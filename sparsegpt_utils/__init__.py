@@ -1,0 +1,20 @@
+"""sparsegpt_utils: SparseGPT pruning, quantization and evaluation for causal LMs.
+
+density = fraction of weights kept; sparsity = 1 - density.
+"""
+
+__version__ = "0.1.0"
+
+from .data import calibration_windows, eval_tokens, load_text  # noqa: E402
+from .evaluate import density_report, overall_density, perplexity  # noqa: E402
+from .models import get_adapter, load_model, pruned_linears  # noqa: E402
+from .prune import PruneConfig, PruneResult, prune_model  # noqa: E402
+from .quant import QuantGrid, QuantSpec  # noqa: E402
+from .solver import HessianAccumulator, magnitude_mask, sparsegpt_solve, wanda_mask  # noqa: E402
+
+__all__ = [
+    "calibration_windows", "eval_tokens", "load_text", "density_report", "overall_density",
+    "perplexity", "get_adapter", "load_model", "pruned_linears", "PruneConfig", "PruneResult",
+    "prune_model", "QuantGrid", "QuantSpec", "HessianAccumulator", "magnitude_mask",
+    "sparsegpt_solve", "wanda_mask",
+]

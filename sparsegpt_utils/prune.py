@@ -1,0 +1,240 @@
+"""The sequential pruning pipeline (DESIGN §2): capture → per block: Hessians → solve → replay.
+
+Each block sees the calibration data exactly twice: once to collect the Hessians of its
+linear layers (from the outputs of the blocks before it, already pruned), once after solving
+to produce the next block's inputs. Layers that read the same input (q/k/v, gate/up) share
+one Hessian and are solved as one stacked matrix, each keeping its own mask.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import pandas as pd
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .models import capture_block_inputs, get_adapter, run_block
+from .quant import QuantGrid, QuantSpec, rtn_quantize
+from .solver import (
+    HessianAccumulator,
+    check_density,
+    magnitude_mask,
+    parse_nm,
+    sparsegpt_solve,
+    wanda_mask,
+)
+
+__all__ = ["METHODS", "PruneConfig", "PruneResult", "prune_model"]
+
+METHODS = ("sparsegpt", "wanda", "magnitude")
+
+# (layer name, weight [rows, cols], hessian [cols, cols]) -> per-row bit widths, int [rows]
+RowBits = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+@dataclass
+class PruneConfig:
+    """What to do to every linear layer of the decoder blocks.
+
+    density: fraction of weights KEPT, in (0, 1]; ignored when ``nm`` is given.
+    block_densities: one density per block (e.g. OWL), overriding ``density``.
+    quant: joint quantization (GPTQ-style for sparsegpt, round-to-nearest for the baselines).
+    row_bits: optional mixed-precision hook giving each row its bit width.
+    prior_masks: masks from an earlier step (layer name -> bool, True = may be kept).
+    """
+
+    method: str = "sparsegpt"
+    density: float = 0.5
+    nm: tuple[int, int] | str | None = None
+    quant: QuantSpec | None = None
+    blocksize: int = 128
+    mask_blocksize: int = 128
+    percdamp: float = 0.01
+    calibration_batch_size: int = 1
+    shared_hessians: bool = True
+    block_densities: Sequence[float] | None = None
+    row_bits: RowBits | None = None
+    prior_masks: dict[str, torch.Tensor] | None = None
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.nm = parse_nm(self.nm)
+        check_density(self.density)
+        if self.block_densities is not None:
+            for d in self.block_densities:
+                check_density(d, "block_densities")
+        if not 0 <= self.percdamp < 1:
+            raise ValueError(f"percdamp (EPSILON) must be in [0, 1), got {self.percdamp}")
+        if self.calibration_batch_size < 1:
+            raise ValueError(f"calibration_batch_size must be >= 1, got {self.calibration_batch_size}")
+        if self.blocksize < 1 or self.mask_blocksize < 1:
+            raise ValueError(f"B and Bs must be >= 1, got B={self.blocksize}, Bs={self.mask_blocksize}")
+        if self.blocksize % self.mask_blocksize and self.mask_blocksize % self.blocksize:
+            raise ValueError(f"one of B={self.blocksize} and Bs={self.mask_blocksize} must divide the other")
+
+    def density_of_block(self, index: int) -> float:
+        return 1.0 if self.nm else (
+            self.block_densities[index] if self.block_densities is not None else self.density)
+
+
+@dataclass
+class PruneResult:
+    layers: pd.DataFrame  # one row per pruned linear layer
+    masks: dict[str, torch.Tensor] = field(repr=False)  # name -> bool [rows, cols] (cpu)
+    grids: dict[str, QuantGrid] = field(repr=False)  # name -> grid, when quantized
+    seconds: float = 0.0
+    solver_seconds: float = 0.0  # Hessians + factorizations + sweeps
+
+
+def _device_of(module: nn.Module) -> torch.device:
+    return next(module.parameters()).device
+
+
+@torch.no_grad()
+def prune_model(
+    model: nn.Module,
+    calibration: torch.Tensor | None,
+    config: PruneConfig,
+    device: str | torch.device | None = None,
+    progress: bool = True,
+) -> PruneResult:
+    """Prune ``model`` in place; ``calibration`` is token ids [samples, seqlen].
+
+    ``device``: where each block runs (default: where the model is). The model may stay on
+    CPU while one block at a time visits the GPU.
+    """
+    start = time.perf_counter()
+    adapter = get_adapter(model)
+    blocks = adapter.blocks(model)
+    device = torch.device(device) if device is not None else _device_of(model)
+    if config.block_densities is not None and len(config.block_densities) != len(blocks):
+        raise ValueError(f"block_densities has {len(config.block_densities)} entries for {len(blocks)} blocks")
+    needs_data = config.method != "magnitude"
+    if needs_data and (calibration is None or calibration.ndim != 2):
+        raise ValueError("calibration must be token ids [samples, seqlen] for sparsegpt and wanda")
+
+    inputs, kwargs = [], {}
+    if needs_data:
+        batches = list(calibration.split(config.calibration_batch_size))
+        inputs, kwargs = capture_block_inputs(model, batches, device)
+
+    rows, masks, grids = [], {}, {}
+    solver_seconds = 0.0
+    bar = tqdm(enumerate(blocks), total=len(blocks), desc=f"{config.method} blocks",
+               disable=not progress)
+    for index, block in bar:
+        home = _device_of(block)
+        block.to(device)
+        groups = adapter.linear_groups(block)
+        density = config.density_of_block(index)
+
+        accumulators: dict[int, HessianAccumulator] = {}
+        if needs_data:
+            handles = []
+            for g, group in enumerate(groups):
+                layer = group[0][1]
+                accumulators[g] = HessianAccumulator(layer.in_features, device)
+                handles.append(layer.register_forward_hook(
+                    lambda _m, inp, _out, acc=accumulators[g]: acc.add(inp[0])))
+            for x in inputs:  # pass 1: Hessians
+                run_block(block, x, kwargs[x.shape[0]])
+            for h in handles:
+                h.remove()
+
+        t0 = time.perf_counter()
+        for g, group in enumerate(groups):
+            names = [f"{adapter.blocks_path}.{index}.{n}" for n, _ in group]
+            hessian = accumulators[g].hessian if needs_data else None
+            solved = _solve_group(config, names, [m for _, m in group], hessian, density,
+                                  accumulators.get(g))
+            for name, (_, layer), (mask, grid, loss, secs) in zip(names, group, solved):
+                masks[name] = mask.cpu()
+                if grid is not None:
+                    grids[name] = grid
+                rows.append({
+                    "layer": name, "block": index, "rows": layer.out_features,
+                    "columns": layer.in_features, "params": layer.weight.numel(),
+                    "density_target": density if config.nm is None else config.nm[0] / config.nm[1],
+                    "density": float(mask.float().mean()),
+                    "sparsity": 1 - float(mask.float().mean()),
+                    "loss": loss, "seconds": secs,
+                })
+        solver_seconds += time.perf_counter() - t0 + sum(a.seconds for a in accumulators.values())
+
+        if index + 1 < len(blocks):
+            for j, x in enumerate(inputs):  # pass 2: the next block's inputs
+                inputs[j] = run_block(block, x, kwargs[x.shape[0]])
+        block.to(home)
+        del accumulators
+
+    return PruneResult(pd.DataFrame(rows), masks, grids, time.perf_counter() - start, solver_seconds)
+
+
+def _solve_group(config, names, layers, hessian, density, accumulator):
+    """Solve the layers of one input group; writes the weights and returns, per layer,
+    (mask, grid, loss, seconds)."""
+    prior = config.prior_masks or {}
+    out = []
+    if config.method == "sparsegpt" and config.shared_hessians and len(layers) > 1:
+        t0 = time.perf_counter()
+        weight = torch.cat([layer.weight for layer in layers])
+        quant = _row_quant(config, names, layers, hessian)
+        prior_mask = None
+        if any(n in prior for n in names):
+            prior_mask = torch.cat([prior.get(n, torch.ones_like(layer.weight, dtype=torch.bool)).to(weight.device)
+                                    for n, layer in zip(names, layers)])
+        res = sparsegpt_solve(
+            weight, hessian, density, config.nm, quant, config.blocksize, config.mask_blocksize,
+            config.percdamp, segments=[layer.out_features for layer in layers], prior_mask=prior_mask,
+        )
+        secs = (time.perf_counter() - t0) / len(layers)
+        start = 0
+        for layer in layers:
+            stop = start + layer.out_features
+            layer.weight.copy_(res.weight[start:stop])
+            grid = None
+            if res.grid is not None:
+                grid = QuantGrid(res.grid.scale[start:stop], res.grid.zero[start:stop],
+                                 res.grid.bits[start:stop], res.grid.groupsize)
+            # each layer's share of the loss is not separable cheaply; report the group's
+            out.append((res.mask[start:stop], grid, res.loss / len(layers), secs))
+            start = stop
+        return out
+
+    for name, layer in zip(names, layers):
+        t0 = time.perf_counter()
+        prior_mask = prior.get(name)
+        weight = layer.weight
+        if config.method == "sparsegpt":
+            quant = _row_quant(config, [name], [layer], hessian)
+            res = sparsegpt_solve(weight, hessian, density, config.nm, quant, config.blocksize,
+                                  config.mask_blocksize, config.percdamp, prior_mask=prior_mask)
+            new, mask, grid, loss = res.weight, res.mask, res.grid, res.loss
+        else:
+            if config.method == "wanda":
+                mask = wanda_mask(weight, accumulator.column_norms(), density, config.nm, prior_mask)
+            else:
+                mask = magnitude_mask(weight, density, config.nm, prior_mask)
+            new, grid, loss = weight * mask, None, float("nan")
+            quant = _row_quant(config, [name], [layer], hessian)
+            if quant is not None:
+                new, grid = rtn_quantize(new, quant)
+                new = new * mask
+        layer.weight.copy_(new)
+        out.append((mask, grid, loss, time.perf_counter() - t0))
+    return out
+
+
+def _row_quant(config, names, layers, hessian) -> QuantSpec | None:
+    if config.quant is None:
+        return None
+    if config.row_bits is None:
+        return config.quant
+    bits = torch.cat([config.row_bits(n, layer.weight, hessian).to(torch.int64).cpu()
+                      for n, layer in zip(names, layers)])
+    return QuantSpec(bits, config.quant.groupsize, config.quant.sym, config.quant.mse)

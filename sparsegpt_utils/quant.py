@@ -1,0 +1,189 @@
+"""Uniform quantization grids, quantize / dequantize, and bit packing. Tensors only.
+
+A *grid* maps a row of weights to integer codes ``q`` in ``[0, 2**bits - 1]`` with
+``w ≈ scale * (q - zero)``. Grids are per output row, optionally per group of ``groupsize``
+consecutive input columns, and each row may have its own bit width (mixed precision).
+A weight equal to zero always maps back to exactly zero, because ``zero`` is an integer
+inside the code range; pruned weights therefore stay pruned after quantization.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+__all__ = [
+    "QuantSpec",
+    "QuantGrid",
+    "find_params",
+    "quantize",
+    "quantize_codes",
+    "dequantize_codes",
+    "rtn_quantize",
+    "pack_bits",
+    "unpack_bits",
+]
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """What to quantize to.
+
+    bits: 2..8, or a per-row tensor of widths (mixed precision).
+    groupsize: columns per grid (``None`` = one grid per row).
+    sym: symmetric grid (zero point fixed at the middle of the code range).
+    mse: search a clipping ratio that minimises the squared error per row (GPTQ's ``mse``).
+    """
+
+    bits: int | torch.Tensor = 4
+    groupsize: int | None = None
+    sym: bool = False
+    mse: bool = False
+
+    def __post_init__(self):
+        bits = self.bits
+        lo, hi = (int(bits.min()), int(bits.max())) if torch.is_tensor(bits) else (bits, bits)
+        if not 1 <= lo <= hi <= 16:
+            raise ValueError(f"wbits must be in [1, 16], got {bits!r}")
+        if self.groupsize is not None and self.groupsize < 1:
+            raise ValueError(f"groupsize must be a positive integer or None, got {self.groupsize}")
+
+    def row_bits(self, rows: int, device=None) -> torch.Tensor:
+        """Bit width per row, int64 [rows]."""
+        if torch.is_tensor(self.bits):
+            if self.bits.numel() != rows:
+                raise ValueError(f"bits has {self.bits.numel()} entries for {rows} rows")
+            return self.bits.to(device=device, dtype=torch.int64).flatten()
+        return torch.full((rows,), int(self.bits), dtype=torch.int64, device=device)
+
+
+@dataclass
+class QuantGrid:
+    """The grids a layer was quantized on.
+
+    scale, zero: float32 [rows, n_groups] (zero holds integer values).
+    bits: int64 [rows]. groupsize: columns per group, or None (n_groups = 1).
+    """
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: torch.Tensor
+    groupsize: int | None
+
+    def group_of_column(self, columns: int) -> torch.Tensor:
+        """Index of the grid each column uses, int64 [columns]."""
+        if self.groupsize is None:
+            return torch.zeros(columns, dtype=torch.int64)
+        return torch.arange(columns) // self.groupsize
+
+    def expand(self, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """scale, zero, maxq broadcast to [rows, columns]."""
+        idx = self.group_of_column(columns).to(self.scale.device)
+        maxq = (2 ** self.bits.to(self.scale.device) - 1).to(self.scale.dtype)[:, None]
+        return self.scale[:, idx], self.zero[:, idx], maxq.expand(-1, columns)
+
+    def codes(self, weight: torch.Tensor) -> torch.Tensor:
+        """Integer codes of a weight that lies on this grid, int64 [rows, columns]."""
+        scale, zero, maxq = self.expand(weight.shape[1])
+        return quantize_codes(weight.float(), scale, zero, maxq)
+
+    def dequantize(self, codes: torch.Tensor) -> torch.Tensor:
+        scale, zero, _ = self.expand(codes.shape[1])
+        return dequantize_codes(codes, scale, zero)
+
+
+def find_params(
+    w: torch.Tensor, bits: torch.Tensor, sym: bool = False, mse: bool = False,
+    grid_points: int = 100, max_shrink: float = 0.8, norm: float = 2.4,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Min–max grid per row of ``w`` [rows, cols] with ``bits`` int [rows].
+
+    Returns scale, zero: float32 [rows, 1]. The range always contains 0, so 0 is exact.
+    With ``mse`` the range is shrunk by the factor in ``[1 - max_shrink, 1]`` that minimises
+    ``Σ |w - Q(w)|^norm`` per row, as GPTQ does.
+    """
+    w = w.float()
+    maxq = (2 ** bits.to(w.device) - 1).float()[:, None]
+    xmin = torch.clamp(w.min(dim=1, keepdim=True).values, max=0)
+    xmax = torch.clamp(w.max(dim=1, keepdim=True).values, min=0)
+
+    def grid(lo, hi):
+        if sym:
+            hi = torch.maximum(lo.abs(), hi)
+            lo = -hi
+        empty = (lo == 0) & (hi == 0)
+        lo = torch.where(empty, -torch.ones_like(lo), lo)
+        hi = torch.where(empty, torch.ones_like(hi), hi)
+        scale = (hi - lo) / maxq
+        zero = torch.full_like(scale, 0) + (maxq + 1) / 2 if sym else torch.round(-lo / scale)
+        if sym:
+            zero = torch.floor(zero)
+        return scale, zero
+
+    scale, zero = grid(xmin, xmax)
+    if mse:
+        best = torch.full((w.shape[0], 1), float("inf"), device=w.device)
+        for i in range(int(max_shrink * grid_points)):
+            p = 1 - i / grid_points
+            s1, z1 = grid(p * xmin, p * xmax)
+            err = (quantize(w, s1, z1, maxq) - w).abs().pow(norm).sum(dim=1, keepdim=True)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s1, scale)
+            zero = torch.where(better, z1, zero)
+    return scale, zero
+
+
+def quantize_codes(w, scale, zero, maxq) -> torch.Tensor:
+    """Integer codes (int64) of ``w`` on the grid; broadcasting shapes."""
+    return torch.clamp(torch.round(w / scale) + zero, torch.zeros_like(maxq), maxq).to(torch.int64)
+
+
+def dequantize_codes(codes, scale, zero) -> torch.Tensor:
+    return scale * (codes.to(scale.dtype) - zero)
+
+
+def quantize(w, scale, zero, maxq) -> torch.Tensor:
+    """Round ``w`` to the nearest grid point (returns floats on the grid)."""
+    q = torch.clamp(torch.round(w / scale) + zero, torch.zeros_like(maxq), maxq)
+    return scale * (q - zero)
+
+
+def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, QuantGrid]:
+    """Round-to-nearest baseline: quantize ``weight`` [rows, cols] on its own grids."""
+    rows, cols = weight.shape
+    w = weight.float()
+    bits = spec.row_bits(rows, w.device)
+    g = spec.groupsize or cols
+    scales, zeros = [], []
+    for c in range(0, cols, g):
+        s, z = find_params(w[:, c:c + g], bits, spec.sym, spec.mse)
+        scales.append(s)
+        zeros.append(z)
+    grid = QuantGrid(torch.cat(scales, 1), torch.cat(zeros, 1), bits, spec.groupsize)
+    scale, zero, maxq = grid.expand(cols)
+    out = quantize(w, scale, zero, maxq)
+    return out.to(weight.dtype), grid
+
+
+def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack non-negative integer codes (< 2**bits) into a flat uint8 tensor, LSB first."""
+    flat = codes.flatten().to(torch.int64)
+    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
+        raise ValueError(f"codes do not fit in {bits} bits")
+    shifts = torch.arange(bits, dtype=torch.int64, device=flat.device)
+    bitplane = ((flat[:, None] >> shifts) & 1).flatten()
+    pad = (-bitplane.numel()) % 8
+    if pad:
+        bitplane = torch.cat([bitplane, bitplane.new_zeros(pad)])
+    weights = (1 << torch.arange(8, dtype=torch.int64, device=flat.device))
+    return (bitplane.view(-1, 8) * weights).sum(1).to(torch.uint8)
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
+    """Inverse of :func:`pack_bits`: ``count`` codes as int64."""
+    shifts = torch.arange(8, dtype=torch.int64, device=packed.device)
+    bitplane = ((packed.to(torch.int64)[:, None] >> shifts) & 1).flatten()[: count * bits]
+    weights = (1 << torch.arange(bits, dtype=torch.int64, device=packed.device))
+    return (bitplane.view(count, bits) * weights).sum(1)

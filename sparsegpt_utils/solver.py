@@ -1,0 +1,327 @@
+"""SparseGPT (Frantar & Alistarh, 2023) on one weight matrix, and the magnitude / Wanda masks.
+
+Tensors only: no model, no I/O. Everything runs on the device of the tensors it is given.
+Conventions: ``weight`` is [rows, columns] = [out_features, in_features]; ``mask`` is a bool
+tensor of the same shape that is True where a weight is **kept**; ``density`` is the kept
+fraction (sparsity = 1 - density).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from .quant import QuantGrid, QuantSpec, find_params, quantize
+
+__all__ = [
+    "HessianAccumulator",
+    "SolveResult",
+    "sparsegpt_solve",
+    "inverse_hessian_factor",
+    "magnitude_mask",
+    "wanda_mask",
+    "nm_mask",
+    "check_density",
+    "parse_nm",
+]
+
+
+def check_density(density: float, name: str = "density") -> float:
+    if not isinstance(density, (int, float)) or not 0 < float(density) <= 1:
+        raise ValueError(f"{name} must be in (0, 1] (fraction of weights kept), got {density!r}")
+    return float(density)
+
+
+def parse_nm(nm: str | tuple[int, int] | None) -> tuple[int, int] | None:
+    """'2:4' -> (2, 4). Requires 0 < N < M."""
+    if nm is None:
+        return None
+    if isinstance(nm, str):
+        try:
+            n, m = (int(p) for p in nm.split(":"))
+        except ValueError:
+            raise ValueError(f"nm must look like 'N:M' (e.g. 2:4), got {nm!r}") from None
+    else:
+        n, m = nm
+    if not 0 < n < m:
+        raise ValueError(f"nm N:M needs 0 < N < M, got {n}:{m}")
+    return int(n), int(m)
+
+
+class HessianAccumulator:
+    """Running mean ``H = (2/n) Σ x xᵀ`` over the ``n`` tokens seen, in float32.
+
+    ``add(x, token_mask)`` takes activations [..., columns] and an optional bool mask of the
+    leading shape that is False at padding tokens, which are left out.
+    """
+
+    def __init__(self, columns: int, device: torch.device | str | None = None):
+        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+        self.tokens = 0
+        self.seconds = 0.0  # time spent accumulating (for the benchmarks)
+
+    @torch.no_grad()
+    def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
+        t0 = time.perf_counter()
+        self._add(x, token_mask)
+        if self.hessian.is_cuda:
+            torch.cuda.synchronize(self.hessian.device)
+        self.seconds += time.perf_counter() - t0
+
+    def _add(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
+        x = x.reshape(-1, x.shape[-1])
+        if token_mask is not None:
+            x = x[token_mask.reshape(-1).to(x.device).bool()]
+        n = x.shape[0]
+        if n == 0:
+            return
+        x = x.to(self.hessian.device, torch.float32)
+        self.hessian *= self.tokens / (self.tokens + n)
+        self.tokens += n
+        x = math.sqrt(2 / self.tokens) * x
+        self.hessian.addmm_(x.T, x)
+
+    def column_norms(self) -> torch.Tensor:
+        """‖x_j‖₂ over the tokens seen, [columns] (what Wanda scores with)."""
+        return torch.sqrt(torch.diagonal(self.hessian) * self.tokens / 2)
+
+
+@dataclass
+class SolveResult:
+    weight: torch.Tensor  # [rows, columns], the input's dtype; exactly zero where ~mask
+    mask: torch.Tensor  # bool [rows, columns], True = kept
+    grid: QuantGrid | None  # the grids the kept weights lie on, when quantized
+    loss: float  # Σ (w - q)² / [Hinv]_jj² / 2, the solver's own error estimate
+    damp: float  # the damping finally used (may exceed percdamp after a failed Cholesky)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, retries: int = 6):
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = percdamp · mean(diag H)``.
+
+    If ``H + λI`` is not positive definite, λ grows tenfold (with a warning) up to ``retries``
+    times. Returns (factor, percdamp actually used).
+    """
+    if percdamp < 0:
+        raise ValueError(f"percdamp must be >= 0, got {percdamp}")
+    mean_diag = torch.mean(torch.diagonal(hessian))
+    eye = torch.eye(hessian.shape[0], dtype=hessian.dtype, device=hessian.device)
+    damp = percdamp
+    for _ in range(retries + 1):
+        chol, info = torch.linalg.cholesky_ex(hessian + damp * mean_diag * eye)
+        if int(info) == 0:
+            hinv = torch.cholesky_inverse(chol)
+            upper, info = torch.linalg.cholesky_ex(hinv, upper=True)
+            if int(info) == 0:
+                return upper, damp
+        new = max(damp * 10, 1e-4)
+        warnings.warn(
+            f"Hessian not positive definite with percdamp={damp:g}; retrying with {new:g}",
+            RuntimeWarning, stacklevel=2,
+        )
+        damp = new
+    raise torch.linalg.LinAlgError(f"Cholesky failed even with percdamp={damp:g}")
+
+
+def _prune_lowest(score: torch.Tensor, prune_count: int) -> torch.Tensor:
+    """Bool mask (True = kept) that drops the ``prune_count`` lowest entries of ``score``."""
+    kept = torch.ones_like(score, dtype=torch.bool)
+    if prune_count > 0:
+        idx = torch.topk(score.flatten(), prune_count, largest=False).indices
+        kept.view(-1)[idx] = False
+    return kept
+
+
+def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive columns of each row."""
+    rows, cols = score.shape
+    if cols % m:
+        raise ValueError(f"N:M needs the number of input columns ({cols}) divisible by M={m}")
+    groups = score.reshape(rows, cols // m, m)
+    idx = torch.topk(groups, m - n, dim=2, largest=False).indices
+    kept = torch.ones_like(groups, dtype=torch.bool)
+    kept.scatter_(2, idx, False)
+    return kept.reshape(rows, cols)
+
+
+def _segment_bounds(rows: int, segments: Sequence[int] | None) -> list[tuple[int, int]]:
+    segments = list(segments) if segments else [rows]
+    if sum(segments) != rows:
+        raise ValueError(f"segments {segments} do not add up to {rows} rows")
+    bounds, start = [], 0
+    for s in segments:
+        bounds.append((start, start + s))
+        start += s
+    return bounds
+
+
+@torch.no_grad()
+def sparsegpt_solve(
+    weight: torch.Tensor,
+    hessian: torch.Tensor,
+    density: float | Sequence[float] = 1.0,
+    nm: tuple[int, int] | None = None,
+    quant: QuantSpec | None = None,
+    blocksize: int = 128,
+    mask_blocksize: int = 128,
+    percdamp: float = 0.01,
+    segments: Sequence[int] | None = None,
+    prior_mask: torch.Tensor | None = None,
+) -> SolveResult:
+    """Prune (and optionally quantize) ``weight`` to minimise ‖WX − ŴX‖² given ``H = 2XXᵀ/n``.
+
+    Columns are swept left to right in lazy blocks of ``blocksize``. Unstructured masks are
+    chosen every ``mask_blocksize`` columns from ``w² / [Hinv]_jj²`` over the whole
+    ``rows × mask_blocksize`` block; with ``nm=(N, M)`` the ``M − N`` lowest of every group of
+    M are dropped per row. ``segments`` stacks several matrices that share one Hessian (e.g.
+    q/k/v): each segment of rows picks its own mask (and ``density`` may be one per segment),
+    which gives exactly the result of solving them one by one. ``prior_mask`` (True = may be
+    kept) makes masks only shrink: a weight pruned before is pruned first and stays pruned.
+    """
+    rows, cols = weight.shape
+    if hessian.shape != (cols, cols):
+        raise ValueError(f"hessian must be [{cols}, {cols}], got {list(hessian.shape)}")
+    bounds = _segment_bounds(rows, segments)
+    densities = [density] * len(bounds) if isinstance(density, (int, float)) else list(density)
+    if len(densities) != len(bounds):
+        raise ValueError(f"got {len(densities)} densities for {len(bounds)} segments")
+    densities = [check_density(d) for d in densities]
+    if blocksize < 1 or mask_blocksize < 1:
+        raise ValueError("blocksize (B) and mask_blocksize (Bs) must be positive")
+    if blocksize % mask_blocksize and mask_blocksize % blocksize:
+        raise ValueError(
+            f"B={blocksize} and Bs={mask_blocksize}: one must divide the other, so that a "
+            "mask block never straddles a lazy-update boundary"
+        )
+    if nm is not None:
+        n, m = parse_nm(nm)
+        if blocksize % m or cols % m:
+            raise ValueError(f"N:M with M={m} needs B ({blocksize}) and columns ({cols}) divisible by M")
+    unstructured = nm is None and any(d < 1 for d in densities)
+
+    if nm is None and quant is None and all(d == 1 for d in densities) and prior_mask is None:
+        return SolveResult(weight.clone(), torch.ones_like(weight, dtype=torch.bool), None, 0.0, 0.0)
+
+    W = weight.detach().to(torch.float32).clone()
+    H = hessian.detach().to(device=W.device, dtype=torch.float32).clone()
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1
+    W[:, dead] = 0
+    Hinv, damp = inverse_hessian_factor(H, percdamp)
+    del H
+    hinv_diag = torch.diagonal(Hinv)
+
+    kept = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    prior = None if prior_mask is None else prior_mask.to(W.device, torch.bool)
+    if prior is not None:
+        kept &= prior
+    losses = torch.zeros(rows, device=W.device)
+
+    if quant is not None:
+        bits = quant.row_bits(rows, W.device)
+        maxq = (2 ** bits - 1).to(torch.float32)[:, None]
+        group = quant.groupsize
+        scales, zeros = [], []
+        if group is None:  # one grid per row, fixed before the sweep
+            scale, zero = find_params(W, bits, quant.sym, quant.mse)
+            scales, zeros = [scale], [zero]
+
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        count = i2 - i1
+        W1 = W[:, i1:i2].clone()
+        Q1 = torch.zeros_like(W1)
+        Err1 = torch.zeros_like(W1)
+        Hinv1 = Hinv[i1:i2, i1:i2]
+
+        for i in range(count):
+            col = i1 + i
+            if unstructured and col % mask_blocksize == 0:
+                # At i == 0 nothing of W1 is updated yet, so W holds the current values of a
+                # mask block that may extend past this lazy block (Bs > B).
+                end = min(col + mask_blocksize, cols)
+                cur = W[:, col:end] if i == 0 else W1[:, i:i + end - col]
+                score = cur**2 / hinv_diag[col:end][None, :] ** 2
+                if prior is not None:
+                    score = torch.where(prior[:, col:end], score, -1.0)
+                for (r0, r1), d in zip(bounds, densities):
+                    seg = score[r0:r1]
+                    kept[r0:r1, col:end] = _prune_lowest(seg, round(seg.numel() * (1 - d)))
+                if prior is not None:
+                    kept[:, col:end] &= prior[:, col:end]
+            if nm is not None and i % m == 0:
+                score = W1[:, i:i + m] ** 2 / torch.diagonal(Hinv1)[i:i + m][None, :] ** 2
+                kept[:, col:col + m] = nm_mask(score, n, m)
+                if prior is not None:
+                    kept[:, col:col + m] &= prior[:, col:col + m]
+
+            w = W1[:, i]
+            d = Hinv1[i, i]
+            q = w * kept[:, col]
+            if quant is not None:
+                if group is not None and col % group == 0:
+                    # The group's grid is fixed when the sweep reaches it, from its current
+                    # values (kept weights only, where the mask is already known).
+                    end = min(col + group, cols)
+                    in_block = min(end, i2) - col
+                    cur = torch.cat([W1[:, i:i + in_block], W[:, i2:end]], dim=1)
+                    known = kept[:, col:end]
+                    scale, zero = find_params(cur * known, bits, quant.sym, quant.mse)
+                    scales.append(scale)
+                    zeros.append(zero)
+                q = quantize(q[:, None], scale, zero, maxq).flatten() * kept[:, col]
+            Q1[:, i] = q
+            losses += (w - q) ** 2 / d**2 / 2
+            err = (w - q) / d
+            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
+            Err1[:, i] = err
+
+        W[:, i1:i2] = Q1
+        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+
+    kept &= ~dead[None, :]
+    W *= kept
+    grid = None
+    if quant is not None:
+        grid = QuantGrid(torch.cat(scales, 1), torch.cat(zeros, 1), bits, quant.groupsize)
+    return SolveResult(W.to(weight.dtype), kept, grid, float(losses.sum()), damp)
+
+
+def magnitude_mask(
+    weight: torch.Tensor, density: float = 1.0, nm: tuple[int, int] | None = None,
+    prior_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Keep the largest |w| of the whole matrix (or of each N:M group)."""
+    score = _with_prior(weight.detach().abs().float(), prior_mask)
+    if nm is not None:
+        kept = nm_mask(score, *parse_nm(nm))
+    else:
+        kept = _prune_lowest(score, round(score.numel() * (1 - check_density(density))))
+    return kept if prior_mask is None else kept & prior_mask.to(kept.device, torch.bool)
+
+
+def _with_prior(score: torch.Tensor, prior_mask: torch.Tensor | None) -> torch.Tensor:
+    # scores are >= 0, so -1 puts weights pruned before first in line to be pruned again
+    return score if prior_mask is None else torch.where(prior_mask.to(score.device, torch.bool), score, -1.0)
+
+
+def wanda_mask(
+    weight: torch.Tensor, input_norm: torch.Tensor, density: float = 1.0,
+    nm: tuple[int, int] | None = None, prior_mask: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Wanda (Sun et al., 2023): score ``|w_ij| · ‖x_j‖₂``, compared within each output row."""
+    score = weight.detach().abs().float() * input_norm.to(weight.device).float()[None, :]
+    score = _with_prior(score, prior_mask)
+    if nm is not None:
+        kept = nm_mask(score, *parse_nm(nm))
+    else:
+        prune = round(score.shape[1] * (1 - check_density(density)))
+        kept = torch.ones_like(score, dtype=torch.bool)
+        if prune:
+            idx = torch.topk(score, prune, dim=1, largest=False).indices
+            kept.scatter_(1, idx, False)
+    return kept if prior_mask is None else kept & prior_mask.to(kept.device, torch.bool)
