@@ -9,6 +9,7 @@ inside the code range; pruned weights therefore stay pruned after quantization.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +24,10 @@ __all__ = [
     "rtn_quantize",
     "pack_bits",
     "unpack_bits",
+    "width_map_bits",
+    "row_storage_bits",
+    "quant_storage_bits",
+    "grid_storage_bits",
 ]
 
 
@@ -187,3 +192,86 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
     bitplane = ((packed.to(torch.int64)[:, None] >> shifts) & 1).flatten()[: count * bits]
     weights = (1 << torch.arange(bits, dtype=torch.int64, device=packed.device))
     return (bitplane.view(count, bits) * weights).sum(1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage cost model (DESIGN §1: bits per weight = every stored bit / weights). One definition,
+# used by the bit allocator to meet a budget and by the checkpoint writer to report avg_bits.
+#
+# Per layer [rows, cols], stored as:
+#   values      each kept weight's code at its row's width b_r (pruned weights store no code);
+#   mask        1 bit per weight (a bitmap), only when some weight is pruned (kept is given);
+#   scales      ``scale_bits`` (fp16: 16) per grid, one grid per row or per group of columns;
+#   zero points one integer per grid at the row's width b_r (asymmetric grids only: a symmetric
+#               grid's zero point is fixed at 2**(b-1) and not stored);
+#   width map   ceil(log2(max_b - min_b + 1)) bits per row when the rows' widths differ
+#               (stored as b_r - min_b), 0 for a uniform layer.
+# Constant per-layer headers (shapes, the width offset, dtypes) and byte padding of packed
+# buffers (< 8 bits per buffer) are not counted.
+# ---------------------------------------------------------------------------------------------
+
+def width_map_bits(bits: torch.Tensor | int, lo: int | None = None, hi: int | None = None) -> int:
+    """Bits per row of the bit-width map: ``ceil(log2(hi - lo + 1))`` (0 when all rows agree).
+
+    ``bits`` int [rows] (or an int); ``lo``/``hi`` override the observed range (an allocator
+    plans with its whole choice set so that the plan bounds what is stored).
+    """
+    if torch.is_tensor(bits) and bits.numel():
+        lo = int(bits.min()) if lo is None else lo
+        hi = int(bits.max()) if hi is None else hi
+    else:
+        lo = int(bits) if lo is None else lo
+        hi = int(bits) if hi is None else hi
+    return max(0, math.ceil(math.log2(hi - lo + 1))) if hi > lo else 0
+
+
+def row_storage_bits(
+    bits: torch.Tensor | int, cols: int, groupsize: int | None = None, sym: bool = False,
+    kept: torch.Tensor | float | None = None, scale_bits: int = 16, map_bits: int | None = None,
+    rows: int | None = None,
+) -> torch.Tensor:
+    """Stored bits of each row, float64 [rows] (see the storage model above).
+
+    bits: int or int [rows], each row's width. cols: input columns. groupsize: columns per
+    grid (None: one grid per row). kept: None when nothing is pruned, else the number of kept
+    weights per row (tensor [rows] or one number for every row; may be fractional when it is
+    an estimate). map_bits: width-map bits per row (default: :func:`width_map_bits` of
+    ``bits``). rows: needed only when ``bits`` is an int.
+    """
+    if not torch.is_tensor(bits):
+        if rows is None:
+            raise ValueError("rows is required when bits is a single width")
+        bits = torch.full((rows,), int(bits), dtype=torch.int64)
+    b = bits.to(torch.float64).flatten()
+    if groupsize is not None and groupsize < 1:
+        raise ValueError(f"groupsize must be a positive integer or None, got {groupsize}")
+    grids = 1 if groupsize is None else -(-cols // groupsize)
+    map_bits = width_map_bits(bits) if map_bits is None else map_bits
+    if kept is None:
+        values, mask = cols * b, 0
+    else:
+        values, mask = torch.as_tensor(kept, dtype=torch.float64) * b, cols
+    meta = grids * (scale_bits + (0 if sym else b))
+    return values + mask + meta + map_bits
+
+
+def quant_storage_bits(
+    rows: int, cols: int, bits: torch.Tensor | int, groupsize: int | None = None, sym: bool = False,
+    kept: torch.Tensor | float | None = None, scale_bits: int = 16, map_bits: int | None = None,
+) -> float:
+    """Total stored bits of a quantized ``rows × cols`` layer (divide by ``rows * cols`` for
+    bits per weight). Arguments as in :func:`row_storage_bits`; ``kept`` may also be the
+    layer's bool mask [rows, cols] (True = kept)."""
+    if torch.is_tensor(kept) and kept.dtype == torch.bool:
+        kept = None if bool(kept.all()) else kept.sum(1)
+    per_row = row_storage_bits(bits, cols, groupsize, sym, kept, scale_bits, map_bits, rows)
+    if per_row.numel() != rows:
+        raise ValueError(f"bits has {per_row.numel()} entries for {rows} rows")
+    return float(per_row.sum())
+
+
+def grid_storage_bits(grid: QuantGrid, cols: int, mask: torch.Tensor | None = None,
+                      sym: bool = False, scale_bits: int = 16) -> float:
+    """Stored bits of a layer quantized on ``grid`` with bool ``mask`` [rows, cols] (or None)."""
+    return quant_storage_bits(grid.bits.numel(), cols, grid.bits.cpu(), grid.groupsize, sym,
+                              None if mask is None else mask.cpu(), scale_bits)
