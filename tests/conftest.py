@@ -5,10 +5,15 @@ from __future__ import annotations
 
 import os
 
-import pytest
-import torch
+# The hub is never needed by the tests; offline mode makes a hub lookup fail at once instead
+# of retrying the network (the error message is what the tests check).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-from sparsegpt_utils.data import default_data_dir, load_text
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from sparsegpt_utils.data import default_data_dir, load_text  # noqa: E402
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))

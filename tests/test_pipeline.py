@@ -1,0 +1,156 @@
+"""Adapters, block replay, the sequential pipeline and perplexity, on tiny random models
+(fast) and on the real smollm2-135m (slow)."""
+
+import pytest
+import torch
+
+from sparsegpt_utils.data import calibration_windows, eval_tokens
+from sparsegpt_utils.evaluate import density_report, overall_density, perplexity
+from sparsegpt_utils.models import (
+    ModelNotFoundError,
+    capture_block_inputs,
+    get_adapter,
+    load_model,
+    pruned_linears,
+    run_block,
+)
+from sparsegpt_utils.prune import PruneConfig, prune_model
+from tests.conftest import tiny_llama, tiny_opt
+
+
+def block_outputs(model, ids):
+    """Each block's real output during an ordinary forward pass."""
+    outs = []
+    blocks = get_adapter(model).blocks(model)
+    hooks = [b.register_forward_hook(lambda _m, _i, o: outs.append(o[0] if isinstance(o, tuple) else o))
+             for b in blocks]
+    with torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    for h in hooks:
+        h.remove()
+    return outs
+
+
+def assert_replay_matches(model, ids, batch_size, atol=1e-5):
+    expected = block_outputs(model, ids)
+    inputs, kwargs = capture_block_inputs(model, list(ids.split(batch_size)))
+    hidden = torch.cat(inputs)
+    for i, block in enumerate(get_adapter(model).blocks(model)):
+        with torch.no_grad():
+            outs = [run_block(block, x, kwargs[x.shape[0]]) for x in hidden.split(batch_size)]
+        hidden = torch.cat(outs)
+        assert torch.allclose(hidden, expected[i], atol=atol), f"block {i} differs"
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+def test_block_replay_reproduces_model(make):
+    model = make(layers=3)
+    ids = torch.randint(3, 128, (4, 40), generator=torch.Generator().manual_seed(0))
+    assert_replay_matches(model, ids, batch_size=2)
+
+
+@pytest.mark.parametrize("make,family,names", [
+    (tiny_opt, "opt", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                        "self_attn.out_proj", "fc1", "fc2"}),
+    (tiny_llama, "llama", {"self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                            "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"}),
+])
+def test_adapter_finds_every_linear_layer(make, family, names):
+    model = make(layers=2)
+    adapter = get_adapter(model)
+    assert adapter.family == family
+    for block in adapter.blocks(model):
+        groups = adapter.linear_groups(block)
+        assert {n for g in groups for n, _ in g} == names
+        assert any(len(g) == 3 for g in groups)  # q/k/v share one Hessian
+    layers = pruned_linears(model)
+    assert len(layers) == 2 * len(names)
+    assert not any("lm_head" in n or "embed" in n for n in layers)
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+@pytest.mark.parametrize("method,density,nm", [
+    ("sparsegpt", 0.5, None), ("sparsegpt", 1.0, (2, 4)), ("wanda", 0.3, None), ("magnitude", 0.5, None),
+])
+def test_prune_model_reaches_density(make, method, density, nm):
+    model = make(layers=2)
+    calib = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
+    res = prune_model(model, calib, PruneConfig(method=method, density=density, nm=nm,
+                                                calibration_batch_size=2), progress=False)
+    report = density_report(model)
+    target = nm[0] / nm[1] if nm else density
+    assert abs(overall_density(report) - target) < 0.01
+    assert report["density"].between(target - 0.02, target + 0.02).all()
+    # the masks returned are the zero pattern of the weights
+    for name, layer in pruned_linears(model).items():
+        assert torch.equal(layer.weight != 0, res.masks[name] & (layer.weight != 0))
+        assert not torch.any(layer.weight[~res.masks[name]])
+    assert len(res.layers) == len(report)
+
+
+def test_pruning_uses_pruned_inputs_of_earlier_blocks():
+    """Sequential: the second block's Hessians come from the first block's pruned outputs,
+    so pruning block 0 changes what block 1 becomes."""
+    calib = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
+    a, b = tiny_llama(layers=2), tiny_llama(layers=2)
+    prune_model(a, calib, PruneConfig(density=0.5), progress=False)
+    prune_model(b, calib, PruneConfig(density=0.5, block_densities=[1.0, 0.5]), progress=False)
+    wa = a.model.layers[1].mlp.down_proj.weight
+    wb = b.model.layers[1].mlp.down_proj.weight
+    assert not torch.allclose(wa, wb)
+
+
+def test_perplexity_matches_manual_computation():
+    model = tiny_llama(layers=1)
+    ids = torch.randint(3, 128, (1, 200), generator=torch.Generator().manual_seed(2))
+    res = perplexity(model, ids, seqlen=64, progress=False)
+    assert res.windows == 3 and res.total_windows == 3  # tail of 8 tokens dropped
+    nlls = []
+    for i in range(3):
+        w = ids[:, i * 64:(i + 1) * 64]
+        with torch.no_grad():
+            nlls.append(model(input_ids=w, labels=w).loss.item())
+    assert res.ppl == pytest.approx(torch.tensor(nlls).mean().exp().item(), rel=1e-5)
+    assert perplexity(model, ids, seqlen=64, max_windows=2, progress=False).windows == 2
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    ({"density": 0.0}, "density"), ({"density": 1.2}, "density"), ({"nm": "4:4"}, "N:M"),
+    ({"method": "obs"}, "method"), ({"percdamp": -1}, "percdamp"),
+    ({"calibration_batch_size": 0}, "calibration_batch_size"),
+])
+def test_bad_config_fails_fast(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        PruneConfig(**kwargs)
+
+
+def test_unknown_model_names_everything_tried(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelNotFoundError) as err:
+        load_model("no-such-org/no-such-model-xyz")
+    text = str(err.value)
+    assert "local directory" in text and "smollm2-135m" in text and "hub" in text
+
+
+@pytest.mark.slow
+def test_smollm2_block_replay(smollm2, calib_source):
+    model, tok = smollm2
+    ids = calibration_windows(tok, calib_source, samples=2, seqlen=128, seed=0)
+    assert_replay_matches(model, ids, batch_size=1, atol=1e-4)
+
+
+@pytest.mark.slow
+def test_smollm2_perplexity_ordering(smollm2_copy, eval_source, calib_source):
+    """ppl(dense) < ppl(SparseGPT 50%) < ppl(Wanda 50%) < ppl(magnitude 50%)."""
+    import copy
+
+    dense, tok = smollm2_copy
+    calib = calibration_windows(tok, calib_source, samples=8, seqlen=256, seed=0)
+    test = eval_tokens(tok, eval_source)
+    ppl = {"dense": perplexity(dense, test, seqlen=256, max_windows=8, progress=False).ppl}
+    for method in ("sparsegpt", "wanda", "magnitude"):
+        model = copy.deepcopy(dense)
+        prune_model(model, calib, PruneConfig(method=method, density=0.5), progress=False)
+        assert abs(overall_density(density_report(model)) - 0.5) < 0.005
+        ppl[method] = perplexity(model, test, seqlen=256, max_windows=8, progress=False).ppl
+    assert ppl["dense"] < ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl
