@@ -1,0 +1,459 @@
+"""Iterative pruning: prune → fine-tune → prune further, with masks that only shrink.
+
+At each step of the schedule (densities = fraction of weights KEPT, falling), SparseGPT is
+recalibrated on the *current* model with the previous step's masks as prior masks (a weight
+once pruned stays pruned), then the model is fine-tuned for ``train_steps × num_epochs``
+optimizer steps with its masks kept (``finetune``), distilling from the dense teacher. Each
+finished step is a checkpoint folder ``step_XX`` written atomically, carrying its history row;
+a re-run resumes after the last finished step and never rewrites a finished one.
+
+Training text never overlaps evaluation text: training windows come from the training source
+(its ``train`` split, or a file), minus a held-out tail used for validation; evaluation is on
+the evaluation source's ``test`` split, and an overlap check refuses a training text that
+contains evaluation text.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import os
+import random
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from .data import LOCAL_FILES, eval_tokens, load_text, tokenize_text
+from .evaluate import density_report, overall_density, perplexity
+from .finetune import FinetuneConfig, current_masks, finetune, split_train_validation
+from .models import load_model
+from .owl import block_params, outlier_ratios, owl_densities
+from .prune import METHODS, PruneConfig, prune_model
+from .save_utils import load_masked_model_single, save_pruned
+from .solver import check_density
+
+__all__ = [
+    "IterativeConfig",
+    "cubic_schedule",
+    "run_iterative",
+    "training_text",
+    "check_no_overlap",
+    "plot_history",
+    "add_cli_arguments",
+    "cli_main",
+]
+
+
+def cubic_schedule(final_density: float, steps: int, initial_density: float = 1.0) -> list[float]:
+    """Zhu & Gupta's cubic schedule in sparsity, as densities (fraction KEPT) after each of
+    ``steps`` steps: ``s_t = s_f + (s_i − s_f)(1 − t/n)³``; the last is ``final_density``."""
+    check_density(final_density, "final_density")
+    check_density(initial_density, "initial_density")
+    if steps < 1:
+        raise ValueError(f"steps (cubic schedule steps) must be >= 1, got {steps}")
+    s_i, s_f = 1 - initial_density, 1 - final_density
+    return [round(1 - (s_f + (s_i - s_f) * (1 - t / steps) ** 3), 6) for t in range(1, steps + 1)]
+
+
+@dataclass
+class IterativeConfig:
+    """One iterative run. ``densities``: fraction of weights KEPT after each step, strictly
+    falling (sparsity = 1 − density); with ``cubic_steps`` > 0 they come from
+    :func:`cubic_schedule` towards ``densities[-1]`` instead."""
+
+    model: str = "smollm2-135m"
+    densities: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.2, 0.1])
+    cubic_steps: int = 0
+    method: str = "sparsegpt"
+    # calibration: drawn from the training slice of ``train_source`` (SparseGPT's random offsets)
+    calib_samples: int = 8
+    calib_seqlen: int = 512
+    seed: int = 0
+    # fine-tuning
+    train_source: str = "wikitext2-valid"
+    val_tokens: int = 16384  # held-out tail of the training text, for validation
+    train_steps: int = 10  # optimizer steps per epoch
+    num_epochs: int = 1  # fine-tuning steps per schedule step = train_steps × num_epochs
+    finetune: FinetuneConfig = field(default_factory=lambda: FinetuneConfig(kd_weight=1.0))
+    # evaluation
+    eval_source: str = "wikitext2"
+    eval_windows: int | None = 8
+    eval_seqlen: int = 2048
+    # OWL layer-wise densities (same global density)
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_threshold: float = 5.0
+    device: str | None = None  # where blocks are pruned and the model trains (default: cpu / accelerator)
+
+    def __post_init__(self):
+        if isinstance(self.finetune, dict):
+            self.finetune = FinetuneConfig(**self.finetune)
+        self.densities = [check_density(d, "densities") for d in self.densities]
+        if not self.densities:
+            raise ValueError("densities must list at least one density (fraction kept)")
+        if self.cubic_steps:
+            self.densities = cubic_schedule(self.densities[-1], self.cubic_steps)
+        if any(b >= a for a, b in zip(self.densities, self.densities[1:], strict=False)):
+            raise ValueError(f"densities must fall strictly (fraction KEPT), got {self.densities}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        for key in ("calib_samples", "calib_seqlen", "num_epochs"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
+        if self.train_steps < 0 or self.val_tokens < 0:
+            raise ValueError(f"train_steps and val_tokens must be >= 0, "
+                             f"got {self.train_steps}, {self.val_tokens}")
+        if self.eval_windows is not None and self.eval_windows < 1:
+            raise ValueError(f"eval_windows must be >= 1 or None, got {self.eval_windows}")
+
+    @property
+    def steps_per_level(self) -> int:
+        return self.train_steps * self.num_epochs
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+# ----------------------------------------------------------------------------- data
+
+def training_text(source: str) -> str:
+    """The training text of ``source``: its ``train`` split (``validation`` for
+    ``wikitext2-valid``, which is disjoint from WikiText-2 test), or the file at a path."""
+    if source in LOCAL_FILES:
+        split = "validation" if source == "wikitext2-valid" else "train"
+        return load_text(source, split)
+    if source == "stdlib":
+        raise ValueError("train_source 'stdlib' is the stand-in evaluation text; give a file path instead")
+    return load_text(source)
+
+
+def check_no_overlap(train: str, evaluation: str, probes: int = 20, width: int = 200) -> None:
+    """Raise ValueError when pieces of the evaluation text appear in the training text."""
+    evaluation = evaluation.strip()
+    if not evaluation:
+        return
+    step = max(1, (len(evaluation) - width) // probes)
+    hits = sum(evaluation[i:i + width] in train for i in range(0, max(1, len(evaluation) - width), step))
+    if hits:
+        raise ValueError(f"train_source overlaps the evaluation text ({hits} of {probes} probes found "
+                         "in it); "
+                         "train on a train/validation split, never the test split")
+
+
+def _calibration_from(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """SparseGPT's draw (``random.seed``; ``randint(0, n − seqlen − 1)``) over a token stream."""
+    ids = ids.reshape(1, -1)
+    if ids.shape[1] <= seqlen + 1:
+        raise ValueError(f"training text has {ids.shape[1]} tokens, fewer than calib_seqlen={seqlen} + 2")
+    random.seed(seed)
+    return torch.cat([ids[:, i:i + seqlen] for i in
+                      (random.randint(0, ids.shape[1] - seqlen - 1) for _ in range(samples))])
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def _save_step(model: nn.Module, directory: Path, masks: dict, row: dict, tokenizer=None) -> None:
+    """Write a finished step atomically: everything goes to a temp folder renamed into place;
+    an existing finished step is never replaced."""
+    if directory.exists():
+        raise FileExistsError(f"{directory} is a finished step; it is never overwritten")
+    directory.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
+    try:
+        _write_checkpoint(model, tmp, masks, tokenizer, row)
+        (tmp / "step.json").write_text(json.dumps(row, indent=1, default=float))
+        os.rename(tmp, directory)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_checkpoint(model, folder: Path, masks, tokenizer, row) -> None:
+    # the model's own dtype: a resumed run continues from exactly these weights
+    save_pruned(model, folder / "model", tokenizer=tokenizer, masks=masks, progress=False,
+                dtype=next(model.parameters()).dtype,
+                metadata={k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))})
+
+
+def _load_step(model: nn.Module, folder: Path) -> None:
+    """Load a finished step's weights into ``model`` (same architecture), in place."""
+    load_masked_model_single(model, folder / "model")
+
+
+def _finished_steps(run_dir: Path) -> list[dict]:
+    rows = []
+    for folder in sorted(run_dir.glob("step_*")):
+        if folder.is_dir() and (folder / "step.json").is_file():
+            rows.append(json.loads((folder / "step.json").read_text()))
+    return sorted(rows, key=lambda r: r["step"])
+
+
+def _write_csv(df: pd.DataFrame, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    df.to_csv(tmp, index=False)
+    os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- the run
+
+HISTORY_COLUMNS = ["step", "density_target", "density", "sparsity", "ppl_pruned", "ppl_finetuned",
+                   "val_ppl_pruned", "val_ppl_finetuned", "finetune_steps", "train_tokens",
+                   "masks_kept", "prune_seconds", "finetune_seconds", "seconds"]
+
+
+def run_iterative(
+    config: IterativeConfig,
+    run_dir: str | Path,
+    model: nn.Module | None = None,
+    tokenizer=None,
+    train_ids: torch.Tensor | None = None,
+    eval_ids: torch.Tensor | None = None,
+    results_csv: str | Path | None = None,
+    accelerator=None,
+    stop_after: int | None = None,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """Run (or resume) the schedule; returns the history (one row per step, step 0 = dense).
+
+    ``model``/``tokenizer``: the dense starting model (default: ``load_model(config.model)``).
+    ``train_ids`` [1, n] / ``eval_ids`` [1, m]: token streams that replace the sources
+    (tests). ``run_dir`` holds ``config.json``, ``step_XX/`` checkpoints and ``history.csv``;
+    ``results_csv`` gets a copy of the history; ``stop_after``: stop after that many
+    schedule steps have finished (to test resuming)."""
+    from accelerate import Accelerator
+
+    run_dir = Path(run_dir)
+    accelerator = accelerator or Accelerator(mixed_precision=config.finetune.mixed_precision)
+    main = accelerator.is_main_process
+    device = torch.device(config.device) if config.device else accelerator.device
+    _check_run_config(run_dir, config, main)
+
+    if model is None:
+        model, tokenizer = load_model(config.model, dtype="float32")
+    if train_ids is None:
+        text = training_text(config.train_source)
+        if eval_ids is None:
+            check_no_overlap(text, load_text(config.eval_source, "test"))
+        train_ids = tokenize_text(tokenizer, text)
+    if eval_ids is None:
+        eval_ids = eval_tokens(tokenizer, config.eval_source)
+    train_part, val_part = split_train_validation(train_ids, config.val_tokens)
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if _needs_teacher(config) else None
+    params = block_params(model)
+    model.to(device)
+
+    def ppl(m):
+        return perplexity(m, eval_ids, seqlen=config.eval_seqlen, max_windows=config.eval_windows,
+                          device=device, progress=False).ppl
+
+    done = _finished_steps(run_dir)
+    ratios = None
+    if config.owl:  # on the dense model, once: densities then fall monotonically per block
+        calib = _calibration_from(train_part, config.calib_samples, config.calib_seqlen, config.seed)
+        ratios = outlier_ratios(model, calib, config.owl_threshold, device, progress)
+
+    if done:
+        _load_step(model, run_dir / f"step_{done[-1]['step']:02d}")
+        history = [_dense_row(run_dir)] + done
+        if main:
+            print(f"resuming after step {done[-1]['step']} (density {done[-1]['density']:.4f})")
+    else:
+        dense_ppl = ppl(model) if main else float("nan")
+        history = [{"step": 0, "density_target": 1.0, "density": 1.0, "sparsity": 0.0,
+                    "ppl_pruned": dense_ppl, "ppl_finetuned": dense_ppl, "finetune_steps": 0,
+                    "train_tokens": 0, "masks_kept": True,
+                    "prune_seconds": 0.0, "finetune_seconds": 0.0, "seconds": 0.0}]
+        if main:
+            run_dir.mkdir(parents=True, exist_ok=True)
+            (run_dir / "dense.json").write_text(json.dumps(history[0], default=float))
+    masks = current_masks(model) if done else None
+    ft_config = FinetuneConfig(**{**asdict(config.finetune), "steps": config.steps_per_level})
+
+    for step, density in enumerate(config.densities, start=1):
+        if step <= len(done):
+            continue
+        if stop_after is not None and step > stop_after:
+            break
+        t0 = time.perf_counter()
+        calib = _calibration_from(train_part, config.calib_samples, config.calib_seqlen, config.seed + step)
+        block_densities = owl_densities(ratios, density, config.owl_lambda, params) if ratios else None
+        result = prune_model(model, calib, PruneConfig(
+            method=config.method, density=density, block_densities=block_densities, prior_masks=masks),
+            device=device, progress=progress)
+        masks = result.masks
+        t_prune = time.perf_counter() - t0
+        ppl_pruned = ppl(model) if main else float("nan")
+        ft = finetune(model, train_part, ft_config, masks=masks, teacher=teacher, val_ids=val_part,
+                      accelerator=accelerator, progress=progress)
+        achieved = overall_density(density_report(model))
+        row = {"step": step, "density_target": density, "density": achieved, "sparsity": 1 - achieved,
+               "ppl_pruned": ppl_pruned, "ppl_finetuned": ppl(model) if main else float("nan"),
+               "val_ppl_pruned": _exp(ft.val_loss_before), "val_ppl_finetuned": _exp(ft.val_loss_after),
+               "finetune_steps": ft_config.steps, "train_tokens": ft.tokens,
+               "masks_kept": bool(ft.masks_kept),
+               "prune_seconds": t_prune, "finetune_seconds": ft.seconds, "seconds": time.perf_counter() - t0}
+        if not ft.masks_kept:
+            raise RuntimeError(f"step {step}: a pruned weight became nonzero during fine-tuning")
+        if main:
+            _save_step(model, run_dir / f"step_{step:02d}", masks, row, tokenizer)
+            print(f"step {step}: density {achieved:.4f} (sparsity {1 - achieved:.4f}), ppl after pruning "
+                  f"{ppl_pruned:.2f}, after fine-tuning {row['ppl_finetuned']:.2f}, "
+                  f"masks kept: {ft.masks_kept}")
+        accelerator.wait_for_everyone()
+        history.append(row)
+
+    df = pd.DataFrame(history).reindex(columns=HISTORY_COLUMNS)
+    if main:
+        _write_csv(df, run_dir / "history.csv")
+        if results_csv is not None:
+            _write_csv(df, Path(results_csv))
+    return df
+
+
+def _exp(x: float) -> float:
+    return math.exp(x) if not math.isnan(x) else float("nan")
+
+
+def _needs_teacher(config: IterativeConfig) -> bool:
+    return config.finetune.kd_weight > 0 or config.finetune.squarehead_weight > 0
+
+
+def _dense_row(run_dir: Path) -> dict:
+    path = run_dir / "dense.json"
+    return json.loads(path.read_text()) if path.is_file() else {"step": 0, "density": 1.0, "sparsity": 0.0}
+
+
+def _check_run_config(run_dir: Path, config: IterativeConfig, main: bool) -> None:
+    """A resumed run must continue the same schedule: the finished steps' densities and the
+    settings that shaped them must match."""
+    path = run_dir / "config.json"
+    now = json.loads(json.dumps(config.to_dict(), default=str))
+    if path.is_file():
+        before = json.loads(path.read_text())
+        done = len(_finished_steps(run_dir))
+        if before.get("densities", [])[:done] != now["densities"][:done]:
+            raise ValueError(f"run_dir {run_dir} holds a run with densities {before.get('densities')}; "
+                             f"this config has {now['densities']}: use another run_dir")
+        for key in ("model", "method", "owl", "train_source", "seed"):
+            if before.get(key) != now[key]:
+                raise ValueError(f"run_dir {run_dir} was run with {key}={before.get(key)!r}, "
+                                 f"now {now[key]!r}: use another run_dir")
+    elif main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(".config.json.tmp")
+        tmp.write_text(json.dumps(now, indent=1))
+        os.replace(tmp, path)
+
+
+# ----------------------------------------------------------------------------- plot
+
+def plot_history(history: pd.DataFrame, path: str | Path | None = None, one_shot: pd.DataFrame | None = None,
+                 title: str | None = None):
+    """Perplexity against sparsity: after pruning and after fine-tuning at each step, and
+    optional one-shot points (columns ``sparsity``, ``ppl``). Saves PNG and SVG when ``path``
+    (without suffix, or ending .png) is given; returns the figure."""
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    h = history.sort_values("step")
+    ax.plot(h["sparsity"], h["ppl_pruned"], "o--", label="iterative: after pruning")
+    ax.plot(h["sparsity"], h["ppl_finetuned"], "o-", label="iterative: after fine-tuning")
+    if one_shot is not None and len(one_shot):
+        ax.plot(one_shot["sparsity"], one_shot["ppl"], "s", color="C3", label="one-shot SparseGPT")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (fraction of weights zeroed)")
+    ax.set_ylabel("perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "iterative pruning + masked fine-tuning")
+    fig.tight_layout()
+    if path is not None:
+        base = Path(path).with_suffix("")
+        base.parent.mkdir(parents=True, exist_ok=True)
+        for ext in (".png", ".svg"):
+            fig.savefig(base.with_suffix(ext), dpi=120)
+    return fig
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Arguments of ``python -m sparsegpt_utils iterative``."""
+    d, f = IterativeConfig(), FinetuneConfig(kd_weight=1.0)
+    a = parser.add_argument
+    a("--model", default=d.model, help="hub id, local folder, or smollm2-135m")
+    a("--densities", default=",".join(map(str, d.densities)),
+      help="fraction of weights KEPT after each step, falling, comma-separated (default %(default)s)")
+    a("--cubic-steps", type=int, default=0,
+      help="use a cubic schedule of this many steps to the last density")
+    a("--method", default=d.method, choices=METHODS)
+    a("--calib-samples", type=int, default=d.calib_samples)
+    a("--calib-seqlen", type=int, default=d.calib_seqlen)
+    a("--seed", type=int, default=d.seed)
+    a("--train", dest="train_source", default=d.train_source,
+      help="training text: a source name (its train split) or a file path; never the eval text")
+    a("--val-tokens", type=int, default=d.val_tokens,
+      help="held-out tail of the training text for validation")
+    a("--train-steps", type=int, default=d.train_steps, help="optimizer steps per epoch")
+    a("--num-epochs", type=int, default=d.num_epochs,
+      help="epochs per step (fine-tuning steps per step = train-steps × this)")
+    a("--lr", type=float, default=f.lr)
+    a("--batch-size", type=int, default=f.batch_size, help="windows per process per micro-batch")
+    a("--grad-accum", type=int, default=f.grad_accum)
+    a("--seqlen", type=int, default=f.seqlen, help="training window length (tokens)")
+    a("--lm-weight", type=float, default=f.lm_weight)
+    a("--kd-weight", type=float, default=f.kd_weight, help="token KL to the dense teacher")
+    a("--kd-temperature", type=float, default=f.kd_temperature)
+    a("--squarehead-weight", type=float, default=f.squarehead_weight, help="per-layer normalized hidden MSE")
+    a("--warmup-steps", type=int, default=f.warmup_steps)
+    a("--gradient-checkpointing", action="store_true")
+    a("--mixed-precision", default="no", choices=("no", "bf16", "fp16"), help="bf16 on GPU")
+    a("--eval", dest="eval_source", default=d.eval_source)
+    a("--eval-windows", type=int, default=d.eval_windows, help="first W windows of the test text (0: all)")
+    a("--eval-seqlen", type=int, default=d.eval_seqlen)
+    a("--owl", action="store_true", help="OWL layer-wise densities (same global density)")
+    a("--owl-lambda", type=float, default=d.owl_lambda)
+    a("--run-dir", default=None, help="checkpoints + history (default pruned_models/iterative_<model>)")
+    a("--results", default=None, help="CSV copy of the history (default results/iterative_<model>.csv)")
+    a("--plot", default=None, help="plot path without suffix (default: beside --results)")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> IterativeConfig:
+    ft_names = {f.name for f in fields(FinetuneConfig)}
+    ft = {k: v for k, v in vars(args).items() if k in ft_names and k != "steps"}
+    try:
+        densities = [float(x) for x in str(args.densities).split(",") if x.strip()]
+    except ValueError as err:
+        raise ValueError(f"--densities must be comma-separated numbers in (0, 1], "
+                         f"got {args.densities!r}") from err
+    return IterativeConfig(
+        model=args.model, densities=densities, cubic_steps=args.cubic_steps, method=args.method,
+        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
+        train_source=args.train_source, val_tokens=args.val_tokens, train_steps=args.train_steps,
+        num_epochs=args.num_epochs, finetune=FinetuneConfig(**ft), eval_source=args.eval_source,
+        eval_windows=args.eval_windows or None, eval_seqlen=args.eval_seqlen, owl=args.owl,
+        owl_lambda=args.owl_lambda)
+
+
+def cli_main(args: argparse.Namespace) -> pd.DataFrame:
+    config = config_from_args(args)  # validates before any long work
+    name = Path(config.model).name
+    run_dir = args.run_dir or f"pruned_models/iterative_{name}"
+    results = args.results or f"results/iterative_{name}.csv"
+    history = run_iterative(config, run_dir, results_csv=results)
+    from accelerate import PartialState
+
+    if PartialState().is_main_process:
+        plot_history(history, args.plot or Path(results).with_suffix(""))
+        with pd.option_context("display.width", 160, "display.max_columns", 20):
+            print(history.round(4).to_string(index=False))
+    return history
