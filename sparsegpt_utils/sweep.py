@@ -97,7 +97,7 @@ def _write_atomic(path: Path, write) -> Path:
     return path
 
 
-def write_json_atomic(obj, path: str | Path) -> Path:
+def write_json_atomic(path: str | Path, obj) -> Path:
     """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
     def write(tmp):
         with open(tmp, "w", encoding="utf-8") as f:
@@ -106,7 +106,7 @@ def write_json_atomic(obj, path: str | Path) -> Path:
     return _write_atomic(Path(path), write)
 
 
-def write_csv_atomic(df: pd.DataFrame, path: str | Path) -> Path:
+def write_csv_atomic(path: str | Path, df: pd.DataFrame) -> Path:
     """Write ``df`` as CSV (no index) through a temporary file and a rename."""
     return _write_atomic(Path(path), lambda tmp: df.to_csv(tmp, index=False))
 
@@ -624,15 +624,16 @@ def available_sources(sources: Sequence[str]) -> tuple[list[str], dict[str, str]
 
 
 def load_checkpoint(path: str | Path):
-    """(model, tokenizer) from a saved pruned model: ``save_utils.load_pruned`` where that
-    module exists, else a plain transformers folder."""
-    try:
+    """(model, tokenizer) from a saved pruned model: a ``save_utils`` checkpoint (it has a
+    ``manifest.json``) or a plain transformers folder."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
         from .save_utils import load_pruned
-    except ImportError:
-        from .models import load_model
 
-        return load_model(str(path))
-    return load_pruned(str(path))
+        return load_pruned(path)
+    from .models import load_model
+
+    return load_model(str(path))
 
 
 def evaluate_checkpoints(

@@ -1,0 +1,242 @@
+"""Sweeps (papermill grids, resume, failures), result collection, and testing saved checkpoints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import nbformat
+import pandas as pd
+import pytest
+
+from sparsegpt_utils import sweep
+
+DEMO = Path(__file__).parent / "data" / "sweep_demo.ipynb"
+
+
+def test_expand_grid_is_the_cartesian_product_with_fixed_values_and_a_base():
+    points = sweep.expand_grid({"a": [1, 2], "b": ["x", "y"], "c": 0}, base={"d": 5, "a": 9})
+    assert points == [{"d": 5, "a": 1, "b": "x", "c": 0}, {"d": 5, "a": 1, "b": "y", "c": 0},
+                      {"d": 5, "a": 2, "b": "x", "c": 0}, {"d": 5, "a": 2, "b": "y", "c": 0}]
+
+
+def test_expand_grid_union_of_subgrids_drops_duplicates_and_keeps_list_values():
+    points = sweep.expand_grid([{"m": ["a", "b"], "L": [[0.5, 0.7]]}, {"m": "a", "L": [[0.5, 0.7]]},
+                                {"m": "c", "L": [[0.3]]}])
+    assert points == [{"m": "a", "L": [0.5, 0.7]}, {"m": "b", "L": [0.5, 0.7]}, {"m": "c", "L": [0.3]}]
+
+
+@pytest.mark.parametrize("grid, words", [({"a b": [1]}, "a b"), ({"a": []}, "empty"), ([], "empty")])
+def test_expand_grid_rejects_bad_grids_naming_the_problem(grid, words):
+    with pytest.raises(ValueError, match=words):
+        sweep.expand_grid(grid)
+
+
+def test_parse_param_option_reads_yaml_values_and_bracketed_lists():
+    assert sweep.parse_param_option("METHOD=sparsegpt,wanda") == ("METHOD", ["sparsegpt", "wanda"])
+    assert sweep.parse_param_option("d=0.5, 1,None") == ("d", [0.5, 1, None])
+    assert sweep.parse_param_option("SPARSENESS_LIST=[0.5,0.7],[0.3]") == (
+        "SPARSENESS_LIST", [[0.5, 0.7], [0.3]])
+    for bad in ("METHOD", "=1", "a b=1", "x="):
+        with pytest.raises(ValueError, match="name=v1,v2"):
+            sweep.parse_param_option(bad)
+
+
+def test_run_id_is_stable_readable_and_distinct():
+    a = sweep.run_id("nb/1_SparseGPT.ipynb", {"METHOD": "wanda", "model_name": "facebook/opt-125m"})
+    assert a == sweep.run_id("other/1_SparseGPT.ipynb", {"model_name": "facebook/opt-125m", "METHOD": "wanda"})
+    assert a.startswith("1_SparseGPT_METHOD=wanda_model_name=facebook-opt-125m_")
+    assert "/" not in a
+    assert a != sweep.run_id("nb/1_SparseGPT.ipynb", {"METHOD": "sparsegpt", "model_name": "facebook/opt-125m"})
+
+
+def test_plan_checks_names_against_the_notebook_before_running(tmp_path):
+    with pytest.raises(ValueError, match=r"\['z'\].*declares"):
+        sweep.plan_sweep(DEMO, {"x": [1], "z": [2]}, tmp_path)
+    with pytest.raises(ValueError, match="RESULT_JSON is set by the sweep"):
+        sweep.plan_sweep(DEMO, {"RESULT_JSON": ["a"]}, tmp_path)
+    nb = nbformat.read(DEMO, as_version=4)
+    nb.cells[1].source = "x = 1"  # a notebook that cannot hand back a result
+    nbformat.write(nb, tmp_path / "no_result.ipynb")
+    with pytest.raises(ValueError, match="must declare RESULT_JSON = None"):
+        sweep.plan_sweep(tmp_path / "no_result.ipynb", {"x": [1]}, tmp_path)
+    with pytest.raises(FileNotFoundError, match="missing.ipynb"):
+        sweep.plan_sweep(tmp_path / "missing.ipynb", {"x": [1]}, tmp_path)
+    with pytest.raises(ValueError, match="parallel must be >= 1"):
+        sweep.run_sweep(DEMO, {"x": [1]}, tmp_path, parallel=0)
+    assert not list(tmp_path.glob("*/result.json"))
+
+
+@pytest.mark.slow
+def test_sweep_runs_resumes_and_never_loses_finished_runs(tmp_path, capsys):
+    out = tmp_path / "runs"
+    grid = {"x": [1, 2], "FAIL": [False, True]}
+    table = sweep.run_sweep(DEMO, grid, out, parallel=2, base={"y": 3.0}, gpus=["3", "5"], progress=False)
+    assert sorted(table["status"]) == ["failed", "failed", "ok", "ok"]
+    failed = table[table["status"] == "failed"]
+    assert all(e.startswith("ValueError: FAIL was set") for e in failed["error"])
+    assert "FAILED" in capsys.readouterr().out
+    for rid in failed["run_id"]:  # failures are kept apart, with their reason and log
+        assert not (out / rid).exists()
+        assert (out / "_failed" / rid / "error.txt").read_text().startswith("ValueError")
+        assert (out / "_failed" / rid / "papermill.log").is_file()
+    results = sweep.collect_results(out)
+    assert sorted(results["ppl"]) == [3.0, 6.0]  # x * y from the notebook itself
+    assert set(results["gpu"]) <= {"3", "5"}  # one GPU per run
+    assert {Path(c) for c in results["cwd"]} == {DEMO.parent.resolve()}  # Jupyter's working directory
+    ok_dir = out / table.loc[table["status"] == "ok", "run_id"].iloc[0]
+    assert (ok_dir / "notebook.ipynb").is_file() and (ok_dir / "params.yaml").is_file()
+    before = {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")}
+
+    # resume: the finished runs are skipped and untouched; the failed ones are tried again
+    (out / ".leftover.partial").mkdir()
+    again = sweep.run_sweep(DEMO, grid, out, parallel=1, base={"y": 3.0}, gpus=[], progress=False)
+    assert sorted(again["status"]) == ["failed", "failed", "skipped", "skipped"]
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*/result.json")} == before
+    assert not (out / ".leftover.partial").exists()
+
+    # a failed run that later succeeds moves out of _failed
+    fixed = sweep.run_sweep(DEMO, {"x": [1], "FAIL": [True]}, out, base={"y": 3.0}, gpus=[], progress=False)
+    rid = fixed["run_id"].iloc[0]
+    assert (out / "_failed" / rid).exists()
+    nb = nbformat.read(DEMO, as_version=4)
+    nb.cells[2].source = nb.cells[2].source.replace("if FAIL:", "if False:")
+    nbformat.write(nb, tmp_path / DEMO.name)  # same stem: same run ids
+    healed = sweep.run_sweep(tmp_path / DEMO.name, {"x": [1], "FAIL": [True]}, out, base={"y": 3.0},
+                             gpus=[], progress=False)
+    assert list(healed["status"]) == ["ok"]
+    assert (out / rid / "result.json").is_file() and not (out / "_failed" / rid).exists()
+
+
+@pytest.mark.slow
+def test_sweep_reports_timeouts_and_missing_results(tmp_path):
+    table = sweep.run_sweep(DEMO, [{"SLEEP": 60}, {"WRITE": False}], tmp_path, timeout=8, gpus=[],
+                            progress=False)
+    errors = dict(zip(table["SLEEP"].fillna(0), table["error"], strict=True))
+    assert errors[60] == "timed out after 8 s"
+    assert errors[0] == "the notebook finished but wrote nothing to RESULT_JSON"
+    assert sweep.collect_results(tmp_path).empty
+
+
+def _cli(argv):
+    parser = argparse.ArgumentParser()
+    sweep.add_cli_arguments(parser)
+    return sweep.cli_main(parser.parse_args(argv))
+
+
+def test_cli_dry_run_combines_grid_file_and_params(tmp_path, capsys):
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(f"notebook: {DEMO}\nparameters: {{y: 4.0}}\ngrid:\n  x: [1, 2]\n")
+    assert _cli(["--grid", str(spec), "--param", "FAIL=false,true", "--out-dir", str(tmp_path), "--dry-run"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1] == "4 of 4 runs to do"
+    assert all(ln.startswith("todo  sweep_demo_FAIL=") and "y=4.0" in ln for ln in lines[:-1])
+    spec.write_text("grid: {x: [1]}\nbogus: 1\n")
+    with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
+        _cli(["--grid", str(spec), "--dry-run"])
+    with pytest.raises(SystemExit, match="give a grid"):
+        _cli(["--notebook", str(DEMO)])
+
+
+@pytest.mark.slow
+def test_cli_runs_and_exits_nonzero_on_failure(tmp_path):
+    args = ["--notebook", str(DEMO), "--out-dir", str(tmp_path), "--param", "x=7"]
+    assert _cli(args) == 0
+    assert list(sweep.collect_results(tmp_path)["ppl"]) == [14.0]
+    assert _cli([*args, "--param", "FAIL=true"]) == 1
+
+
+def test_load_results_merges_csv_json_and_runs_once_each(tmp_path):
+    base = {"model": "m", "calib": "c4", "eval": "wikitext2", "wbits": None}
+    pd.DataFrame([{**base, "method": "sparsegpt", "density": 0.5, "ppl": 30.0},
+                  {**base, "method": "magnitude", "density": 0.5, "ppl": 90.0}]).to_csv(tmp_path / "a.csv", index=False)
+    pd.DataFrame([{"unrelated": 1}]).to_csv(tmp_path / "other.csv", index=False)
+    (tmp_path / "b.json").write_text(json.dumps({**base, "method": "wanda", "density": 0.5, "ppl": 40.0}))
+    run = tmp_path / "runs" / "r1"
+    run.mkdir(parents=True)  # the same configuration as a CSV row: the run's result wins
+    (run / "result.json").write_text(json.dumps([
+        {**base, "method": "sparsegpt", "density": 0.5, "ppl": 29.0, "versions": {"torch": "2"}},
+        {**base, "method": "sparsegpt", "density": 0.5, "ppl": 25.0, "finetune": True},
+        {**base, "method": "iterative-sparsegpt", "density": 0.3, "ppl": 50.0}]))
+    (tmp_path / "runs" / "unfinished").mkdir()
+    df = sweep.load_results(tmp_path).set_index("family")
+    assert sorted(df.index) == ["iterative", "magnitude", "sparsegpt", "sparsegpt+finetune", "wanda"]
+    assert df.loc["sparsegpt", "ppl"] == 29.0 and df.loc["sparsegpt", "versions.torch"] == "2"
+    assert df.loc["iterative", "sparsity"] == pytest.approx(0.7)
+    assert df.loc["sparsegpt+finetune", "ppl"] == 25.0
+    empty = sweep.load_results(tmp_path / "nothing")
+    assert empty.empty and {"model", "method", "density", "ppl", "family"} <= set(empty.columns)
+
+
+def test_find_checkpoints_matches_density_numerically_and_by_model_and_method(tmp_path):
+    for name in ["facebook-opt-125m_sparsegpt_d0.50", "facebook-opt-125m_sparsegpt_d0.7",
+                 "facebook-opt-125m_wanda_d0.3", "other_sparsegpt_d0.3"]:
+        (tmp_path / name).mkdir()
+    found = sweep.find_checkpoints(tmp_path, "facebook/opt-125m", "sparsegpt", [0.3, 0.5, 0.7])
+    assert found == {0.3: None, 0.5: tmp_path / "facebook-opt-125m_sparsegpt_d0.50",
+                     0.7: tmp_path / "facebook-opt-125m_sparsegpt_d0.7"}
+    assert sweep.checkpoint_name("facebook/opt-125m", "wanda", 0.3) == "facebook-opt-125m_wanda_d0.3"
+    assert sweep.find_checkpoints(tmp_path / "absent", "m", "wanda", [0.5]) == {0.5: None}
+
+
+def test_available_sources_names_what_cannot_be_read(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEGPT_DATA_DIR", str(tmp_path))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    text = tmp_path / "t.txt"
+    text.write_text("hello")
+    ok, missing = sweep.available_sources(["stdlib", str(text), "ptb", "nonsense"])
+    assert ok == ["stdlib", str(text)]
+    assert set(missing) == {"ptb", "nonsense"} and "unreachable" in missing["ptb"]
+    (tmp_path / "ptb").mkdir()
+    (tmp_path / "ptb" / "ptb.test.txt").write_text("a b c")
+    assert sweep.available_sources(["ptb"]) == (["ptb"], {})
+
+
+@pytest.mark.slow
+def test_evaluate_checkpoints_measures_saved_models_and_names_missing_ones(tmp_path):
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    from sparsegpt_utils.data import eval_tokens
+    from sparsegpt_utils.evaluate import perplexity
+    from sparsegpt_utils.models import _builtin_folder
+    from sparsegpt_utils.prune import PruneConfig, prune_model
+
+    tok = AutoTokenizer.from_pretrained(_builtin_folder("smollm2-135m"))
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128)
+    model = LlamaForCausalLM(cfg).eval()
+    prune_model(model, None, PruneConfig(method="magnitude", density=0.5), progress=False)
+    model.save_pretrained(tmp_path / "tiny_magnitude_d0.5")
+    tok.save_pretrained(tmp_path / "tiny_magnitude_d0.5")
+
+    table, layers, notes = sweep.evaluate_checkpoints(
+        "tiny", "magnitude", [0.3, 0.5, 1], root=tmp_path, sources=["stdlib", "nonsense"],
+        eval_windows=2, seqlen=64, dense_fallback=False, progress=False)
+    assert len(notes) == 3
+    assert "'nonsense'" in notes[0]
+    assert "tiny_magnitude_d0.3" in notes[1] and "tiny_magnitude_d1" in notes[2]
+    row = table.iloc[0]
+    assert len(table) == 1 and row["density"] == 0.5 and row["eval"] == "stdlib"
+    assert row["density_achieved"] == pytest.approx(0.5, abs=1e-3) and row["layers_off"] == 0
+    assert row["layers"] == len(layers) == 14
+    want = perplexity(model, eval_tokens(tok, "stdlib"), seqlen=64, max_windows=2, progress=False)
+    assert row["ppl"] == pytest.approx(want.ppl, rel=1e-5) and row["eval_windows"] == 2
+    with pytest.raises(ValueError, match=r"\(0, 1\]"):
+        sweep.evaluate_checkpoints("tiny", "magnitude", [0], root=tmp_path)
+
+
+def test_atomic_writers_leave_no_temporary_files(tmp_path):
+    sweep.write_json_atomic(tmp_path / "r.json", {"ppl": 1.5})
+    sweep.write_csv_atomic(tmp_path / "r.csv", pd.DataFrame({"a": [1]}))
+    assert json.loads((tmp_path / "r.json").read_text()) == {"ppl": 1.5}
+    assert pd.read_csv(tmp_path / "r.csv")["a"].tolist() == [1]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.csv", "r.json"]
+
+
+def test_results_dirs_follow_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("SPARSEGPT_RESULTS_DIR", str(tmp_path / "r"))
+    monkeypatch.delenv("SPARSEGPT_PRUNED_DIR", raising=False)
+    assert sweep.results_dir() == tmp_path / "r"
+    assert sweep.results_dir("x") == Path("x")
+    assert sweep.pruned_dir().name == "pruned_models"
