@@ -44,11 +44,12 @@ def test_parse_param_option_reads_yaml_values_and_bracketed_lists():
 
 
 def test_run_id_is_stable_readable_and_distinct():
-    a = sweep.run_id("nb/1_SparseGPT.ipynb", {"METHOD": "wanda", "model_name": "facebook/opt-125m"})
-    assert a == sweep.run_id("other/1_SparseGPT.ipynb", {"model_name": "facebook/opt-125m", "METHOD": "wanda"})
+    params = {"METHOD": "wanda", "model_name": "facebook/opt-125m"}
+    a = sweep.run_id("nb/1_SparseGPT.ipynb", params)
+    assert a == sweep.run_id("other/1_SparseGPT.ipynb", dict(reversed(params.items())))
     assert a.startswith("1_SparseGPT_METHOD=wanda_model_name=facebook-opt-125m_")
     assert "/" not in a
-    assert a != sweep.run_id("nb/1_SparseGPT.ipynb", {"METHOD": "sparsegpt", "model_name": "facebook/opt-125m"})
+    assert a != sweep.run_id("nb/1_SparseGPT.ipynb", {**params, "METHOD": "sparsegpt"})
 
 
 def test_plan_checks_names_against_the_notebook_before_running(tmp_path):
@@ -128,7 +129,8 @@ def _cli(argv):
 def test_cli_dry_run_combines_grid_file_and_params(tmp_path, capsys):
     spec = tmp_path / "grid.yaml"
     spec.write_text(f"notebook: {DEMO}\nparameters: {{y: 4.0}}\ngrid:\n  x: [1, 2]\n")
-    assert _cli(["--grid", str(spec), "--param", "FAIL=false,true", "--out-dir", str(tmp_path), "--dry-run"]) == 0
+    argv = ["--grid", str(spec), "--param", "FAIL=false,true", "--out-dir", str(tmp_path), "--dry-run"]
+    assert _cli(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "4 of 4 runs to do"
     assert all(ln.startswith("todo  sweep_demo_FAIL=") and "y=4.0" in ln for ln in lines[:-1])
@@ -150,7 +152,8 @@ def test_cli_runs_and_exits_nonzero_on_failure(tmp_path):
 def test_load_results_merges_csv_json_and_runs_once_each(tmp_path):
     base = {"model": "m", "calib": "c4", "eval": "wikitext2", "wbits": None}
     pd.DataFrame([{**base, "method": "sparsegpt", "density": 0.5, "ppl": 30.0},
-                  {**base, "method": "magnitude", "density": 0.5, "ppl": 90.0}]).to_csv(tmp_path / "a.csv", index=False)
+                  {**base, "method": "magnitude", "density": 0.5, "ppl": 90.0}]).to_csv(
+        tmp_path / "a.csv", index=False)
     pd.DataFrame([{"unrelated": 1}]).to_csv(tmp_path / "other.csv", index=False)
     (tmp_path / "b.json").write_text(json.dumps({**base, "method": "wanda", "density": 0.5, "ppl": 40.0}))
     run = tmp_path / "runs" / "r1"
