@@ -52,28 +52,29 @@ def default_data_dir() -> Path | None:
     return guess if guess.is_dir() else None
 
 
-def stdlib_text(max_chars: int = 2_000_000) -> str:
-    """Docstrings of the standard library's modules, in a fixed order: text that every Python
-    install carries, for runs and tests with no data set at hand."""
-    import importlib
-    import inspect
-    import sys
+def stdlib_text(max_chars: int = 1_500_000) -> str:
+    """Docstrings of the standard library's source files, in a fixed order: English text that
+    every Python install carries, for runs and tests with no data set at hand."""
+    import ast
+    import sysconfig
 
-    parts = []
-    for name in sorted(sys.stdlib_module_names):
-        if name.startswith("_") or name in {"antigravity", "this", "idlelib", "turtledemo", "tkinter"}:
-            continue
+    parts, total = [], 0
+    for path in sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py")):
         try:
-            mod = importlib.import_module(name)
-        except Exception:  # platform-specific modules
+            tree = ast.parse(path.read_text(encoding="utf-8"))
+        except (SyntaxError, UnicodeDecodeError, OSError):
             continue
-        for obj in [mod, *(v for k, v in sorted(vars(mod).items()) if not k.startswith("_"))]:
-            doc = inspect.getdoc(obj) if (inspect.ismodule(obj) or inspect.isclass(obj)
-                                          or inspect.isfunction(obj)) else None
-            if doc and getattr(obj, "__module__", name) in (name, None):
+        nodes = [tree] + [n for n in ast.walk(tree)
+                          if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))]
+        for node in nodes:
+            doc = ast.get_docstring(node)
+            if doc and len(doc) > 40:
                 parts.append(doc)
-        if sum(map(len, parts)) > max_chars:
+                total += len(doc) + 2
+        if total > max_chars:
             break
+    if not parts:
+        raise DataNotFoundError("no standard-library sources found for the 'stdlib' text source")
     return "\n\n".join(parts)[:max_chars]
 
 
