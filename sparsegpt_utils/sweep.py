@@ -559,9 +559,13 @@ def cli_main(args) -> int:
 # ---------------------------------------------------------------- testing saved checkpoints
 
 def checkpoint_name(model: str, method: str, density: float) -> str:
-    """The folder name notebook 1 saves a pruned model under: ``<model>_<method>_d<density>``
-    (a hub id's ``/`` becomes ``-``)."""
-    return f"{model.replace('/', '-')}_{method}_d{density:g}"
+    """The folder name notebook 1 saves an unquantized pruned model under:
+    ``<model>_<method>_d<density>`` (a hub id's ``/`` becomes ``-``; a local folder: its name)."""
+    return f"{_model_slug(model)}_{method}_d{density:g}"
+
+
+def _model_slug(model: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.-]+", "-", Path(model).name if Path(model).is_dir() else model)
 
 
 def find_checkpoints(root: str | Path, model: str, method: str,
@@ -569,7 +573,7 @@ def find_checkpoints(root: str | Path, model: str, method: str,
     """For each density, the saved folder ``<root>/<model>_<method>_d<density>`` (the density
     matched as a number, so ``d0.5`` and ``d0.50`` both count), or None when there is none."""
     root = Path(root)
-    names = {model, model.replace("/", "-"), model.replace("/", "_"), model.split("/")[-1]}
+    names = {model, _model_slug(model), model.replace("/", "_"), model.split("/")[-1]}
     found: dict[float, Path] = {}
     for path in sorted(root.glob("*_d*")) if root.is_dir() else []:
         m = re.fullmatch(r"(.+)_([^_]+)_d([0-9.]+)", path.name)
@@ -695,3 +699,42 @@ def evaluate_checkpoints(
         del net
     layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
     return pd.DataFrame(rows), layers, notes
+
+
+# ---------------------------------------------------------------- notebook regression outputs
+
+def notebook_env(workdir: str | Path) -> dict[str, str]:
+    """The environment of a notebook regression run: fresh result and checkpoint folders under
+    ``workdir`` (so runs start from nothing and never touch the real ones), no tokenizer
+    threads. ``notebooks/conftest.py`` (nbval) and :func:`refresh_notebooks` both use it."""
+    workdir = Path(workdir)
+    (workdir / "results").mkdir(parents=True, exist_ok=True)
+    (workdir / "pruned_models").mkdir(parents=True, exist_ok=True)
+    return {"SPARSEGPT_RESULTS_DIR": str(workdir / "results"),
+            "SPARSEGPT_PRUNED_DIR": str(workdir / "pruned_models"),
+            "TOKENIZERS_PARALLELISM": "false"}
+
+
+def refresh_notebooks(notebooks: Sequence[str | Path], workdir: str | Path | None = None,
+                      kernel: str = "python3", timeout: int = 1800) -> Path:
+    """Re-execute ``notebooks`` in order, in place, with their default parameters and the
+    environment of :func:`notebook_env` (what nbval compares against), and write each back
+    atomically. Stops at the first failing notebook (left unchanged). Returns the work folder."""
+    import nbformat
+    from nbclient import NotebookClient
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="nbval-work-"))
+    saved = dict(os.environ)
+    os.environ.update(notebook_env(workdir))  # the kernel inherits this process's environment
+    try:
+        for path in map(Path, notebooks):
+            nb = nbformat.read(path, as_version=4)
+            start = time.perf_counter()
+            NotebookClient(nb, kernel_name=kernel, timeout=timeout,
+                           resources={"metadata": {"path": str(path.resolve().parent)}}).execute()
+            _write_atomic(path, lambda tmp, nb=nb: nbformat.write(nb, tmp))
+            print(f"{path}: {time.perf_counter() - start:.0f} s")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return workdir

@@ -1,0 +1,28 @@
+"""nbval settings for the notebooks.
+
+Each notebook's committed outputs come from its default offline run, in order (1 → 4), with
+fresh result and checkpoint folders: notebook 1 saves the pruned models that notebook 3 tests,
+and notebooks 1 and 2 write the results that notebook 4 draws. Re-running them under nbval
+therefore needs the same fresh folders, made here once per session; the real ``results/`` and
+``pruned_models/`` are never touched by a test run. Run the folder as a whole:
+
+    pytest --nbval notebooks --nbval-sanitize-with notebooks/nbval_sanitize.cfg --nbval-current-env
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+import pytest
+
+from sparsegpt_utils.sweep import notebook_env
+
+# set before the first kernel starts: kernels inherit this environment
+os.environ.update(notebook_env(tempfile.mkdtemp(prefix="nbval-work-")))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if type(item).__name__ == "IPyNbCell":  # notebook cells load the real model: slow
+            item.add_marker(pytest.mark.slow)
