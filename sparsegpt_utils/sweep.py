@@ -215,13 +215,15 @@ def _slug(value) -> str:
     return re.sub(r"[^A-Za-z0-9.=+-]+", "", text.replace("/", "-"))
 
 
-def run_id(notebook: str | Path, params: Mapping) -> str:
-    """A stable, readable folder name for one run: the notebook's stem, the parameters
-    (shortened), and a hash of the notebook's name and all parameters."""
+def run_id(notebook: str | Path, params: Mapping, shown: Sequence[str] | None = None) -> str:
+    """A stable, readable folder name for one run: the notebook's stem, the ``shown``
+    parameters (default all; shortened), and a hash of the notebook's name and ALL parameters
+    (the hash alone identifies the run)."""
     stem = Path(notebook).stem
     key = json.dumps({"notebook": stem, "params": params}, sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    readable = "_".join(f"{k}={_slug(v)}" for k, v in sorted(params.items()))[:80]
+    names = sorted(params) if shown is None else [k for k in shown if k in params]
+    readable = "_".join(f"{k}={_slug(params[k])}" for k in names)[:100]
     return f"{stem}_{readable}_{digest}" if readable else f"{stem}_{digest}"
 
 
@@ -272,7 +274,16 @@ def plan_sweep(notebook: str | Path, grid, out_dir: str | Path = "results/runs",
         if RESULT_PARAM in point:
             raise ValueError(f"{RESULT_PARAM} is set by the sweep, not by the grid")
     out_dir = Path(out_dir)
-    return [Run(run_id(notebook, point), point, out_dir / run_id(notebook, point)) for point in points]
+    axes = [k for g in ([grid] if isinstance(grid, Mapping) else grid) for k in g]
+    shown = list(dict.fromkeys(axes))  # the grid's own axes name the folders; base values don't
+    runs = []
+    for point in points:
+        rid = run_id(notebook, point, shown)
+        # a finished run is found by its hash, even if the readable part of its name changed
+        done = [p for p in out_dir.glob(f"*_{rid.rsplit('_', 1)[-1]}") if (p / "result.json").is_file()]
+        folder = done[0] if done else out_dir / rid
+        runs.append(Run(folder.name, point, folder))
+    return runs
 
 
 def _gpu_ids() -> list[str]:
@@ -405,6 +416,7 @@ def run_sweep(
         try:
             run_env = {**os.environ, **(env or {})}
             run_env.setdefault("TOKENIZERS_PARALLELISM", "false")
+            run_env["PYTHONPATH"] = _pythonpath()
             if gpus:
                 run.gpu = gpus[slot % len(gpus)]
                 run_env["CUDA_VISIBLE_DEVICES"] = run.gpu
@@ -712,7 +724,14 @@ def notebook_env(workdir: str | Path) -> dict[str, str]:
     (workdir / "pruned_models").mkdir(parents=True, exist_ok=True)
     return {"SPARSEGPT_RESULTS_DIR": str(workdir / "results"),
             "SPARSEGPT_PRUNED_DIR": str(workdir / "pruned_models"),
-            "TOKENIZERS_PARALLELISM": "false"}
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": _pythonpath()}
+
+
+def _pythonpath() -> str:
+    """PYTHONPATH with the project first, so that kernels import this package even where it
+    is not installed."""
+    parts = [str(_project_root()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
+    return os.pathsep.join(dict.fromkeys(parts))
 
 
 def refresh_notebooks(notebooks: Sequence[str | Path], workdir: str | Path | None = None,

@@ -133,7 +133,8 @@ def test_cli_dry_run_combines_grid_file_and_params(tmp_path, capsys):
     assert _cli(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "4 of 4 runs to do"
-    assert all(ln.startswith("todo  sweep_demo_FAIL=") and "y=4.0" in ln for ln in lines[:-1])
+    assert all(ln.startswith("todo  sweep_demo_x=") and "_FAIL=" in ln and "y=" not in ln
+               for ln in lines[:-1])
     spec.write_text("grid: {x: [1]}\nbogus: 1\n")
     with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
         _cli(["--grid", str(spec), "--dry-run"])
@@ -243,3 +244,16 @@ def test_results_dirs_follow_the_environment(monkeypatch, tmp_path):
     assert sweep.results_dir() == tmp_path / "r"
     assert sweep.results_dir("x") == Path("x")
     assert sweep.pruned_dir().name == "pruned_models"
+
+
+def test_plan_finds_finished_runs_by_hash_and_names_folders_by_grid_axes(tmp_path):
+    runs = sweep.plan_sweep(DEMO, {"x": [1, 2]}, tmp_path, base={"y": 3.0})
+    assert [r.id.rsplit("_", 1)[0] for r in runs] == ["sweep_demo_x=1", "sweep_demo_x=2"]
+    assert not any(r.finished for r in runs)
+    digest = runs[1].id.rsplit("_", 1)[1]
+    renamed = tmp_path / f"sweep_demo_older-name_{digest}"
+    renamed.mkdir()
+    (renamed / "result.json").write_text("{}")
+    again = sweep.plan_sweep(DEMO, {"x": [1, 2]}, tmp_path, base={"y": 3.0})
+    assert again[1].folder == renamed and again[1].finished and not again[0].finished
+    assert sweep.plan_sweep(DEMO, {"x": [2]}, tmp_path, base={"y": 4.0})[0].folder != renamed
