@@ -233,7 +233,9 @@ def sparsegpt_solve(
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
         count = i2 - i1
-        W1 = W[:, i1:i2].clone()
+        # the block transposed, [count, rows]: each column is a contiguous row, so the
+        # per-column reads, writes and rank-1 updates below touch contiguous memory
+        W1 = W[:, i1:i2].T.contiguous()
         Q1 = torch.zeros_like(W1)
         Err1 = torch.zeros_like(W1)
         Hinv1 = Hinv[i1:i2, i1:i2]
@@ -244,7 +246,7 @@ def sparsegpt_solve(
                 # At i == 0 nothing of W1 is updated yet, so W holds the current values of a
                 # mask block that may extend past this lazy block (Bs > B).
                 end = min(col + mask_blocksize, cols)
-                cur = W[:, col:end] if i == 0 else W1[:, i:i + end - col]
+                cur = W[:, col:end] if i == 0 else W1[i:i + end - col].T.contiguous()
                 score = cur**2 / hinv_diag[col:end][None, :] ** 2
                 if prior is not None:
                     score = torch.where(prior[:, col:end], score, -1.0)
@@ -254,12 +256,12 @@ def sparsegpt_solve(
                 if prior is not None:
                     kept[:, col:end] &= prior[:, col:end]
             if nm is not None and i % m == 0:
-                score = W1[:, i:i + m] ** 2 / torch.diagonal(Hinv1)[i:i + m][None, :] ** 2
+                score = W1[i:i + m].T ** 2 / torch.diagonal(Hinv1)[i:i + m][None, :] ** 2
                 kept[:, col:col + m] = nm_mask(score, n, m)
                 if prior is not None:
                     kept[:, col:col + m] &= prior[:, col:col + m]
 
-            w = W1[:, i]
+            w = W1[i]
             d = Hinv1[i, i]
             q = w * kept[:, col]
             if quant is not None:
@@ -268,20 +270,21 @@ def sparsegpt_solve(
                     # values (kept weights only, where the mask is already known).
                     end = min(col + group, cols)
                     in_block = min(end, i2) - col
-                    cur = torch.cat([W1[:, i:i + in_block], W[:, i2:end]], dim=1)
+                    cur = torch.cat([W1[i:i + in_block].T, W[:, i2:end]], dim=1)
                     known = kept[:, col:end]
                     scale, zero = find_params(cur * known, bits, quant.sym, quant.mse)
                     scales.append(scale)
                     zeros.append(zero)
                 q = quantize(q[:, None], scale, zero, maxq).flatten() * kept[:, col]
-            Q1[:, i] = q
-            losses += (w - q) ** 2 / d**2 / 2
+            Q1[i] = q
             err = (w - q) / d
-            W1[:, i:] -= err[:, None] * Hinv1[i, i:][None, :]
-            Err1[:, i] = err
+            W1[i:] -= Hinv1[i, i:, None] * err[None, :]
+            Err1[i] = err
 
-        W[:, i1:i2] = Q1
-        W[:, i2:] -= Err1 @ Hinv[i1:i2, i2:]
+        losses += (Err1**2).sum(0) / 2  # Σ (w - q)² / [Hinv]_jj² / 2, per row
+        W[:, i1:i2] = Q1.T
+        # the same [rows, count] layout as before the transpose: identical matmul
+        W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]
 
     kept &= ~dead[None, :]
     W *= kept
