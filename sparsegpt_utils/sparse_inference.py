@@ -160,7 +160,8 @@ def sparsify_for_inference(
             except (RuntimeError, ValueError, TypeError) as err:  # dtype or shape not supported
                 warnings.warn(f"{name}: kept dense, 2:4 semi-structured conversion failed: {err}",
                               RuntimeWarning, stacklevel=2)
-        if torch.count_nonzero(w).item() <= max_density * w.numel():
+        # within one weight of max_density: a pruned layer's kept count is a rounded fraction
+        if torch.count_nonzero(w).item() <= max_density * w.numel() + 1:
             setattr(parent, attr, SparseLinear.from_linear(layer))
     return model
 

@@ -78,6 +78,9 @@ def test_model_outputs_unchanged_and_round_trip(make):
 
 
 def test_threshold_decides_which_layers_convert():
+    # a layer pruned to exactly the threshold converts, whatever the rounding of its kept count
+    at = sparsify_for_inference(_magnitude_pruned(tiny_llama, 0.3), max_density=0.3)
+    assert (inference_formats(at)["format"] == "csr").all()
     model = _magnitude_pruned(tiny_llama, 0.5)
     sparsify_for_inference(model, max_density=0.3)
     assert (inference_formats(model)["format"] == "dense").all()
