@@ -204,6 +204,7 @@ def _write_csv(df: pd.DataFrame, path: Path) -> None:
 
 # ----------------------------------------------------------------------------- the run
 
+# one row per schedule step (step 0: the dense model); result-row keys are added after these
 HISTORY_COLUMNS = ["step", "density_target", "density", "sparsity", "ppl_pruned", "ppl_finetuned",
                    "val_ppl_pruned", "val_ppl_finetuned", "finetune_steps", "train_tokens",
                    "masks_kept", "prune_seconds", "finetune_seconds", "seconds"]
@@ -311,6 +312,15 @@ def run_iterative(
         history.append(row)
 
     df = pd.DataFrame(history).reindex(columns=HISTORY_COLUMNS)
+    # result-row keys (DESIGN §4), so results/ readers find the run beside one-shot ones
+    df["ppl"] = df["ppl_finetuned"]
+    df["density_achieved"] = df["density"]
+    for key, value in (("model", config.model), ("method", config.method), ("family", "iterative"),
+                       ("calib", config.train_source), ("calib_samples", config.calib_samples),
+                       ("seqlen", config.calib_seqlen), ("seed", config.seed), ("eval", config.eval_source),
+                       ("eval_windows", config.eval_windows), ("owl", config.owl), ("lr", config.finetune.lr),
+                       ("kd_weight", config.finetune.kd_weight)):
+        df[key] = value
     if main:
         _write_csv(df, run_dir / "history.csv")
         if results_csv is not None:
