@@ -18,8 +18,9 @@ import pytest
 
 from sparsegpt_utils.sweep import notebook_env
 
-# set before the first kernel starts: kernels inherit this environment
-os.environ.update(notebook_env(tempfile.mkdtemp(prefix="nbval-work-")))
+# set before the first kernel starts: kernels inherit this environment. NBVAL_WORKDIR reuses
+# the folders of an earlier run (e.g. to re-check notebooks 3 and 4 alone after notebook 1).
+os.environ.update(notebook_env(os.environ.get("NBVAL_WORKDIR") or tempfile.mkdtemp(prefix="nbval-work-")))
 
 
 def pytest_collection_modifyitems(config, items):

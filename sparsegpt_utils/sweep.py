@@ -34,7 +34,7 @@ import tempfile
 import time
 from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pandas as pd
@@ -248,7 +248,6 @@ class Run:
     seconds: float = 0.0
     error: str = ""
     gpu: str | None = None
-    extra: dict = field(default_factory=dict, repr=False)
 
     @property
     def finished(self) -> bool:
