@@ -4,8 +4,11 @@ Two measurements, each within one process:
 
 1. ``shared``: the solver part of pruning (Hessians, factorizations, column sweeps: everything
    but the calibration forwards, ``PruneResult.solver_seconds``) with shared Hessians
-   (q/k/v and gate/up solved as one stacked matrix) against one matrix at a time, the two
-   runs interleaved over ``--repeats`` (medians). Target: ratio <= 0.6.
+   (q/k/v and gate/up: one Hessian, one factorization, one stacked sweep) against one matrix
+   at a time (``per_layer``: a Hessian, a factorization and a sweep per layer, as the
+   SparseGPT reference code does) and against ``separate_solves`` (``shared_hessians=False``:
+   one Hessian per group, a factorization and sweep per layer), the runs interleaved over
+   ``--repeats`` (medians). Target: shared / per_layer <= 0.6.
 2. ``floor``: the FLOPs of a whole prune (calibration forwards, Hessians, factorizations,
    sweeps), counted from the model's shapes, divided by the machine's matmul rate measured in
    the same run (before and after the prune; the mean is used) give the floor in seconds; the
@@ -16,6 +19,9 @@ Two measurements, each within one process:
     PYTHONPATH=. .venv/bin/python bench/bench_solver.py floor --samples 8 --seqlen 512
     PYTHONPATH=. .venv/bin/python bench/bench_solver.py floor --samples 32 --seqlen 2048  # target setting
 
+The matmul part of the count (the linear layers of the forwards, the lazy sweep updates)
+equals what ``torch.utils.flop_counter.FlopCounterMode`` counts for a 2-block prune.
+
 Phase times come from wrapping ``HessianAccumulator.add`` and ``inverse_hessian_factor`` with
 timers in this script; the sweeps are the rest of ``solver_seconds``.
 """
@@ -24,12 +30,13 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import pandas as pd
@@ -37,6 +44,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparsegpt_utils import prune as prune_mod  # noqa: E402
 from sparsegpt_utils import solver as solver_mod  # noqa: E402
 from sparsegpt_utils.data import calibration_windows, default_data_dir  # noqa: E402
 from sparsegpt_utils.models import get_adapter, load_model  # noqa: E402
@@ -52,8 +60,9 @@ def prune_flops(model, samples: int, seqlen: int, blocksize: int = 128, shared: 
       (QKᵀ and AV over on average seqlen/2 keys: 2 · 2 · seqlen/2 · heads · head_dim per token).
     hessians: ``2 n d²`` per Hessian (one per input group when shared, else one per layer).
     factorizations: Cholesky (d³/3), its inverse (2d³/3), Cholesky again (d³/3) per Hessian.
-    sweeps: per matrix [r, c]: in-block updates r·c·B, lazy block updates r·c² (≈ 2·r·B·Σ
-      remaining columns).
+    sweeps: per matrix [r, c] and lazy block of B columns: in-block rank-1 updates
+      2·r·(B − i) for its column i, and the block's update of all later columns 2·r·B·(columns
+      left) (≈ r·c² in all).
     Norms, activations, rotary embeddings and mask selection are left out (all O(n·d)).
     """
     adapter = get_adapter(model)
@@ -77,7 +86,9 @@ def prune_flops(model, samples: int, seqlen: int, blocksize: int = 128, shared: 
             out["factorizations"] += solves * (4 / 3) * d**3
             for _, m in g:
                 r, c = m.weight.shape
-                out["sweeps"] += r * c * blocksize + r * c * c
+                for i1 in range(0, c, blocksize):
+                    count = min(blocksize, c - i1)
+                    out["sweeps"] += 2 * r * count * (count + 1) / 2 + 2 * r * count * (c - i1 - count)
     out["total"] = sum(out.values())
     return out
 
@@ -127,9 +138,36 @@ def phase_timers():
         solver_mod.inverse_hessian_factor = factor
 
 
-def timed_prune(base, calib, shared: bool, method: str = "sparsegpt") -> dict:
+@contextmanager
+def one_hessian_per_layer():
+    """Make the pipeline see every linear layer as its own input group, so that each layer
+    collects its own Hessian, factorizes it and is swept alone: the one-matrix-at-a-time
+    SparseGPT of the reference code (the Hessians are the same, only computed once per layer)."""
+    original = prune_mod.get_adapter
+
+    def per_layer(model):
+        a = original(model)
+        return dataclasses.replace(a, input_groups=tuple((n,) for g in a.input_groups for n in g))
+
+    prune_mod.get_adapter = per_layer
+    try:
+        yield
+    finally:
+        prune_mod.get_adapter = original
+
+
+# mode -> (PruneConfig.shared_hessians, one Hessian per layer)
+MODES = {
+    "shared": (True, False),  # one Hessian, factorization and sweep per input group
+    "separate_solves": (False, False),  # one Hessian per group, each layer factorized and swept
+    "per_layer": (False, True),  # a Hessian, a factorization and a sweep per layer
+}
+
+
+def timed_prune(base, calib, mode: str = "shared", method: str = "sparsegpt") -> dict:
+    shared, per_layer = MODES[mode]
     model = copy.deepcopy(base)
-    with phase_timers() as times:
+    with phase_timers() as times, (one_hessian_per_layer() if per_layer else nullcontext()):
         res = prune_model(model, calib, PruneConfig(method=method, density=0.5, shared_hessians=shared),
                           progress=False)
     sweeps = res.solver_seconds - times["hessians"] - times["factorizations"]
@@ -140,18 +178,20 @@ def timed_prune(base, calib, shared: bool, method: str = "sparsegpt") -> dict:
 # ---------------------------------------------------------------- commands
 
 def bench_shared(base, calib, repeats: int) -> pd.DataFrame:
-    runs = {True: [], False: []}
-    for r in range(repeats):  # interleaved, alternating which goes first
-        for shared in ((True, False) if r % 2 == 0 else (False, True)):
-            runs[shared].append(timed_prune(base, calib, shared))
-            parts = ", ".join(f"{k} {v:.2f}s" for k, v in runs[shared][-1].items())
-            print(f"repeat {r}: shared={shared}: {parts}", flush=True)
+    modes = list(MODES)
+    runs = {m: [] for m in modes}
+    for r in range(repeats):  # interleaved, rotating which goes first
+        for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
+            runs[mode].append(timed_prune(base, calib, mode))
+            parts = ", ".join(f"{k} {v:.2f}s" for k, v in runs[mode][-1].items())
+            print(f"repeat {r}: {mode}: {parts}", flush=True)
     rows = []
     for key in ("solver", "hessians", "factorizations", "sweeps", "forwards", "total"):
-        s = statistics.median(x[key] for x in runs[True])
-        o = statistics.median(x[key] for x in runs[False])
-        rows.append({"part": key, "shared_s": round(s, 2), "one_by_one_s": round(o, 2),
-                     "ratio": round(s / o, 3) if o else float("nan")})
+        med = {m: statistics.median(x[key] for x in runs[m]) for m in modes}
+        row = {"part": key, **{f"{m}_s": round(v, 2) for m, v in med.items()}}
+        for m in modes[1:]:
+            row[f"shared/{m}"] = round(med["shared"] / med[m], 3) if med[m] else float("nan")
+        rows.append(row)
     return pd.DataFrame(rows)
 
 
@@ -191,7 +231,8 @@ def main(argv=None):
     p.add_argument("--blocks", type=int, default=None,
                    help="keep only the first BLOCKS decoder blocks (every block has the same shapes, so "
                         "ratios carry over to the whole model at a fraction of the time)")
-    p.add_argument("--threads", type=int, default=min(2, os.cpu_count() or 1))
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads (1 by default: steadier timings on a shared machine)")
     p.add_argument("--profile", action="store_true", help="floor: print the torch profiler's top ops")
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
