@@ -29,23 +29,29 @@ from sparsegpt_utils.quant import QuantSpec, grid_storage_bits, rtn_quantize
 
 
 def configs(densities, targets, methods, importances, with_global):
-    """(key, kind, density, bits or target, method, importance), most informative first."""
-    out = []
+    """(key, kind, density, bits or target, method, importance), most informative first, so
+    that a partial run already compares uniform and mixed precision at both densities."""
+    first, rest = [], []
+    m0, i0 = methods[0], importances[0]
     for d in densities:
-        out.append((f"d{d}-none", "none", d, None, None, None))
+        ts = ([2.5] if d < 1 else []) + list(targets)
+        first.append((f"d{d}-none", "none", d, None, None, None))
         for b in (3, 4):
-            out.append((f"d{d}-rtn{b}", "rtn", d, b, None, None))
-            out.append((f"d{d}-gptq{b}", "gptq", d, b, None, None))
-    order = [(m, i) for i in importances for m in methods]
-    for m, i in order:
-        for d in densities:
-            for t in targets + ([2.5] if d < 1 else []):
-                out.append((f"d{d}-mixed{t}-{m}-{i}", "mixed", d, t, m, i))
-    if with_global:
-        for d in densities:
-            for t in targets:
-                out.append((f"d{d}-global{t}-budget-error", "global", d, t, "budget", "error"))
-    return out
+            first.append((f"d{d}-rtn{b}", "rtn", d, b, None, None))
+            first.append((f"d{d}-gptq{b}", "gptq", d, b, None, None))
+        for t in ts:
+            first.append((f"d{d}-mixed{t}-{m0}-{i0}", "mixed", d, t, m0, i0))
+        for i in importances:
+            for m in methods:
+                if (m, i) != (m0, i0):
+                    for t in ts:
+                        rest.append((f"d{d}-mixed{t}-{m}-{i}", "mixed", d, t, m, i))
+        if with_global:
+            for t in ts:
+                rest.append((f"d{d}-global{t}-budget-error", "global", d, t, "budget", "error"))
+    # variants at one target per density first, the other targets last
+    mid = [c for c in rest if c[3] == 3.5 or c[0].startswith("d1.0-global3.0")]
+    return first + mid + [c for c in rest if c not in mid]
 
 
 def storage_bits(model, masks, grids, groupsize):

@@ -470,6 +470,8 @@ class MixedPrecisionAllocator:
         """Per-row error [rows, K], cost [rows, K] (stored bits), importance [rows], energy."""
         rows, cols = weight.shape
         mask = predicted_mask(weight, hessian, self.density, self.nm, self.mask_blocksize, self.percdamp)
+        # per-row kept counts predicted from the weights as they are (the solver's real mask
+        # is chosen after the widths; QuantizationStats.measure counts with it)
         kept = None if mask is None else mask.sum(1).double().cpu()
         cost = torch.stack([row_storage_bits(b, cols, self.groupsize, self.sym, kept, self.scale_bits,
                                              self.map_bits, rows) for b in self.bit_choices], 1)
