@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
 
 import pandas as pd
@@ -351,12 +351,15 @@ def _train(model, teacher, train_ids, config: FinetuneConfig, accelerator, log, 
         windows = training_windows(train_ids, config.seqlen, per_step, generator)
         mine = windows[rank::world]  # this process's share of the global batch
         totals = {"loss": 0.0}
-        for micro in mine.split(config.batch_size):
+        micros = mine.split(config.batch_size)
+        for i, micro in enumerate(micros):
             micro = micro.to(accelerator.device)
             batch = {"input_ids": micro, "labels": micro}
-            with accelerator.autocast():
+            # gradients are averaged across processes once per optimizer step, not per micro-batch
+            sync = nullcontext() if i == len(micros) - 1 else accelerator.no_sync(wrapped)
+            with sync, accelerator.autocast():
                 loss, parts = _forward_losses(wrapped, teacher, batch, config)
-            accelerator.backward(loss / config.grad_accum)
+                accelerator.backward(loss / config.grad_accum)
             totals["loss"] += float(loss.detach()) / config.grad_accum
             for k, v in parts.items():
                 totals[k] = totals.get(k, 0.0) + float(v.detach()) / config.grad_accum
