@@ -36,6 +36,7 @@ Nothing is unpickled; every file is checked against the manifest's size and sha2
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import math
@@ -52,7 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models import get_adapter, pruned_linears
-from .quant import QuantGrid, grid_storage_bits, pack_bits, unpack_bits, width_map_bits
+from .quant import QuantGrid, grid_storage_bits, width_map_bits
 
 __all__ = [
     "FORMAT",
@@ -200,17 +201,35 @@ def _swap_in(tmp: Path, directory: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 def _pack(values: np.ndarray, bits: int) -> torch.Tensor:
-    if bits == 0 or values.size == 0:
+    """Non-negative integers < 2**bits -> uint8, LSB first: the bytes of ``quant.pack_bits``,
+    computed in numpy on uint8 bit planes (8× less memory than int64 planes)."""
+    v = np.ascontiguousarray(values, dtype=np.int64).reshape(-1)
+    if bits == 0 or v.size == 0:
         return torch.zeros(0, dtype=torch.uint8)
-    return pack_bits(torch.from_numpy(np.ascontiguousarray(values, dtype=np.int64)), bits)
+    if 8 % bits == 0:  # whole codes per byte: shift and add
+        per = 8 // bits
+        v = np.concatenate([v, np.zeros((-v.size) % per, dtype=np.int64)]).reshape(-1, per)
+        return torch.from_numpy((v << (np.arange(per) * bits)).sum(1).astype(np.uint8))
+    planes = ((v[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
 
 def _unpack(packed: torch.Tensor, bits: int, count: int) -> np.ndarray:
+    """Inverse of :func:`_pack` (and of ``quant.pack_bits``): ``count`` integers, int64."""
     if bits == 0 or count == 0:
         return np.zeros(count, dtype=np.int64)
-    return unpack_bits(packed, bits, count).numpy()
+    data = packed.numpy()
+    if data.size * 8 < count * bits:
+        raise CheckpointError(f"packed array of {data.size} bytes is too short for {count} × {bits} bits")
+    if 8 % bits == 0:
+        per = 8 // bits
+        out = (data.astype(np.int64)[:, None] >> (np.arange(per) * bits)) & ((1 << bits) - 1)
+        return out.reshape(-1)[:count]
+    planes = np.unpackbits(data, count=count * bits, bitorder="little").reshape(count, bits)
+    return (planes.astype(np.int64) << np.arange(bits)).sum(1)
 
 
+@functools.lru_cache(maxsize=64)
 def _nm_table(n: int, m: int) -> tuple[np.ndarray, np.ndarray, int]:
     """Patterns of m bits with n set (ascending), pattern -> index (-1 if not one), index bits."""
     pats = np.arange(1 << m, dtype=np.int64)
@@ -345,78 +364,98 @@ def _row_groups(bits: np.ndarray) -> list[tuple[int, np.ndarray]]:
     return [(int(b), bits == b) for b in np.unique(bits)]
 
 
-def _dequantize(codes: torch.Tensor, slots: torch.Tensor, grid: QuantGrid, dtype) -> torch.Tensor:
-    """The layer's weights from its codes, exactly as they are rebuilt on load."""
-    return torch.where(slots, grid.dequantize(codes), 0.0).to(dtype)
+_INT_OF = {torch.float16: torch.int16, torch.bfloat16: torch.int16, torch.float32: torch.int32}
+_NP_FLOAT = {torch.float16: np.float16, torch.float32: np.float32}
 
 
-def _same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Bitwise equality with -0.0 and +0.0 taken as the same."""
-    int_type = {2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
-    return a.dtype == b.dtype and torch.equal((a + 0).view(int_type), (b + 0).view(int_type))
+def _store_bits(x: torch.Tensor | np.ndarray, dtype: torch.dtype) -> np.ndarray:
+    """``x`` cast to ``dtype`` (round to nearest even), as the integers of its bit patterns."""
+    if isinstance(x, torch.Tensor) and x.dtype in _NP_FLOAT:
+        x = x.numpy()
+    if isinstance(x, np.ndarray) and dtype in _NP_FLOAT:
+        return x.astype(_NP_FLOAT[dtype], copy=False).view(np.int16 if dtype == torch.float16 else np.int32)
+    return torch.as_tensor(x).to(dtype).view(_INT_OF[dtype]).numpy()  # bfloat16: numpy has none
 
 
-def _encode_layer(weight: torch.Tensor, mask: torch.Tensor, grid: QuantGrid | None, dtype, name: str):
-    """-> (tensors by key suffix, manifest entry)."""
+def _from_bits(bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(bits)).view(dtype)
+
+
+def _grid_arrays(scale: np.ndarray, zero: np.ndarray, bits: np.ndarray, groupsize, cols: int):
+    """scale, zero [rows, cols] float32 (each column's grid) and maxq [rows, 1]."""
+    idx = np.zeros(cols, dtype=np.int64) if groupsize is None else np.arange(cols) // groupsize
+    maxq = (2.0 ** bits - 1).astype(np.float32)[:, None]
+    return scale[:, idx], zero[:, idx], maxq
+
+
+def _dequantize(codes: np.ndarray, slots: np.ndarray, s: np.ndarray, z: np.ndarray, dtype) -> np.ndarray:
+    """The layer's weights (bit patterns in ``dtype``) from its codes, as ``QuantGrid.dequantize``
+    computes them (``scale * (q - zero)`` in float32), zero outside the slots."""
+    w = np.where(slots, s * (codes.astype(np.float32) - z), np.float32(0))
+    return _store_bits(w, dtype)
+
+
+def _plus_zero(bits: np.ndarray) -> np.ndarray:
+    """-0.0 -> +0.0 on bit patterns."""
+    sign = np.array(1 << (8 * bits.itemsize - 1), dtype=np.int64).astype(bits.dtype)
+    return np.where(bits == sign, 0, bits)
+
+
+def _encode_layer(weight: torch.Tensor, mask: np.ndarray, grid: QuantGrid | None, dtype, name: str):
+    """weight [rows, cols] (cpu), mask bool [rows, cols] -> (tensors by key suffix, manifest entry)."""
     rows, cols = weight.shape
-    target = torch.where(mask, weight.to(dtype), torch.zeros((), dtype=dtype))  # the saved layer
-    info: dict = {"shape": [rows, cols], "kept": int(mask.sum()), "density": float(mask.float().mean())}
+    target = np.where(mask, _store_bits(weight, dtype), 0)  # the saved layer, as bit patterns
+    kept = int(mask.sum())
+    info: dict = {"shape": [rows, cols], "kept": kept, "density": kept / (rows * cols)}
     if grid is not None:
-        bits = grid.bits.cpu().to(torch.int64)
-        codes = grid.codes(weight.cpu().float())
-        scale = grid.scale.cpu().float()
-        zero = grid.zero.cpu().float()
-        ok_grid = QuantGrid(scale, zero, bits, grid.groupsize)
-        if not _same_bits(_dequantize(codes, mask, ok_grid, dtype), target):
+        bits = grid.bits.cpu().numpy().astype(np.int64)
+        scale = grid.scale.detach().cpu().float().numpy()
+        zero = grid.zero.detach().cpu().float().numpy()
+        s, z, maxq = _grid_arrays(scale, zero, bits, grid.groupsize, cols)
+        # quant.quantize_codes, in numpy
+        codes = np.clip(np.round(weight.float().numpy() / s) + z, 0, maxq).astype(np.int64)
+        if not np.array_equal(_plus_zero(_dequantize(codes, mask, s, z, dtype)), _plus_zero(target)):
             warnings.warn(f"layer {name}: weights do not lie on the grid given for them; storing "
                           f"them as {_dtype_name(dtype)} values", RuntimeWarning, stacklevel=3)
             grid = None
-    if grid is None:
-        value_bits = np.full(rows, torch.finfo(dtype).bits)
-    else:
-        value_bits = bits.numpy()
+    value_bits = np.full(rows, torch.finfo(dtype).bits) if grid is None else bits
 
-    plan = _choose_slots(mask.numpy(), value_bits)
+    plan = _choose_slots(mask, value_bits)
     tensors, fields = _encode_slots(plan)
-    info.update(mask=plan["mask"], slots=int(plan["slots"].sum()), **fields)
-    slots = torch.from_numpy(plan["slots"])
+    slots = plan["slots"]
+    info.update(mask=plan["mask"], slots=int(slots.sum()), **fields)
 
     if grid is None:
         info["values"] = _dtype_name(dtype)
-        tensors["values"] = target[slots].contiguous()
+        tensors["values"] = _from_bits(target[slots], dtype)
     else:
         info.update(values="codes", groupsize=grid.groupsize)
-        row_bits = bits.numpy()
-        lo, hi = int(row_bits.min()), int(row_bits.max())
+        lo, hi = int(bits.min()), int(bits.max())
         info["wbits"] = lo if lo == hi else "mixed"
         info["wbits_range"] = [lo, hi]
-        map_bits = width_map_bits(bits)
+        map_bits = width_map_bits(torch.from_numpy(bits))
         if map_bits:
-            tensors["row_bits"] = _pack(row_bits - lo, map_bits)
-        codes_np = codes.numpy()
-        for b, rowsel in _row_groups(row_bits):
-            sel = plan["slots"] & rowsel[:, None]
-            tensors[f"codes{b}"] = _pack(codes_np[sel], b)
+            tensors["row_bits"] = _pack(bits - lo, map_bits)
+        for b, rowsel in _row_groups(bits):
+            tensors[f"codes{b}"] = _pack(codes[slots & rowsel[:, None]], b)
         # scales: fp16 only when it gives back the very same float32 numbers
-        half = scale.half()
-        exact = bool(torch.isfinite(half).all()) and torch.equal(half.float(), scale)
-        tensors["scale"] = half if exact else scale.contiguous()
+        half = scale.astype(np.float16)
+        exact = bool(np.isfinite(half).all()) and np.array_equal(half.astype(np.float32), scale)
+        tensors["scale"] = torch.from_numpy(half if exact else np.ascontiguousarray(scale))
         # zero points: integers in [0, 2**b - 1]; implied when all are the symmetric midpoint
-        maxq = (2 ** bits.float() - 1)[:, None]
-        midpoint = 2 ** (bits.float() - 1)[:, None]
-        if torch.equal(zero, midpoint.expand_as(zero)):
+        if np.array_equal(zero, np.broadcast_to(2.0 ** (bits - 1)[:, None], zero.shape)):
             info["zero"] = "midpoint"
-        elif torch.equal(zero, zero.round()) and bool(((zero >= 0) & (zero <= maxq)).all()):
+        elif np.array_equal(zero, np.round(zero)) and ((zero >= 0) & (zero <= maxq)).all():
             info["zero"] = "packed"
-            for b, rowsel in _row_groups(row_bits):
-                tensors[f"zero{b}"] = _pack(zero.numpy()[rowsel].astype(np.int64).reshape(-1), b)
+            for b, rowsel in _row_groups(bits):
+                tensors[f"zero{b}"] = _pack(zero[rowsel].astype(np.int64), b)
         else:
             info["zero"] = "float32"
-            tensors["zero"] = zero.contiguous()
+            tensors["zero"] = torch.from_numpy(np.ascontiguousarray(zero))
         info["scale_dtype"] = _dtype_name(tensors["scale"].dtype)
         # the shared storage model (quant.grid_storage_bits) with the scale width used here
         info["bits_model"] = grid_storage_bits(
-            ok_grid, cols, mask, sym=info["zero"] == "midpoint",
+            grid, cols, torch.from_numpy(mask), sym=info["zero"] == "midpoint",
             scale_bits=torch.finfo(tensors["scale"].dtype).bits) / (rows * cols)
     info["tensors"] = {k: _tensor_info(v) for k, v in tensors.items()}
     info["bytes"] = sum(v["bytes"] for v in info["tensors"].values())
@@ -426,37 +465,37 @@ def _encode_layer(weight: torch.Tensor, mask: torch.Tensor, grid: QuantGrid | No
 
 def _decode_layer(info: dict, t: dict[str, torch.Tensor], dtype, name: str) -> torch.Tensor:
     rows, cols = info["shape"]
-    slots_np = _decode_slots(info, t)
-    if int(slots_np.sum()) != info["slots"]:
-        raise CheckpointError(f"layer {name}: mask holds {int(slots_np.sum())} weights, manifest says "
+    slots = _decode_slots(info, t).reshape(rows, cols)
+    if int(slots.sum()) != info["slots"]:
+        raise CheckpointError(f"layer {name}: mask holds {int(slots.sum())} weights, manifest says "
                               f"{info['slots']}")
-    slots = torch.from_numpy(slots_np.reshape(rows, cols))
     if info["values"] != "codes":
         values = t["values"]
         if values.numel() != info["slots"]:
             raise CheckpointError(f"layer {name}: {values.numel()} values for {info['slots']} slots")
-        out = torch.zeros(rows, cols, dtype=values.dtype)
-        out[slots] = values
-        return out.to(dtype)
+        out = np.zeros((rows, cols), dtype=np.int32 if values.element_size() == 4 else np.int16)
+        out[slots] = values.view(_INT_OF[values.dtype]).numpy()
+        return _from_bits(out, values.dtype).to(dtype)
     lo, hi = info["wbits_range"]
     map_bits = width_map_bits(torch.tensor([lo, hi]))
     row_bits = _unpack(t["row_bits"], map_bits, rows) + lo if map_bits else np.full(rows, lo)
     if row_bits.max() > hi:
         raise CheckpointError(f"layer {name}: row bit width out of its range [{lo}, {hi}]")
-    scale = t["scale"].float()
+    scale = t["scale"].float().numpy()
     groups = scale.shape[1]
     codes = np.zeros((rows, cols), dtype=np.int64)
     zero = np.zeros((rows, groups), dtype=np.float32)
     for b, rowsel in _row_groups(row_bits):
-        sel = slots_np.reshape(rows, cols) & rowsel[:, None]
+        sel = slots & rowsel[:, None]
         codes[sel] = _unpack(t[f"codes{b}"], b, int(sel.sum()))
         if info["zero"] == "midpoint":
             zero[rowsel] = 2 ** (b - 1)
         elif info["zero"] == "packed":
             zero[rowsel] = _unpack(t[f"zero{b}"], b, int(rowsel.sum()) * groups).reshape(-1, groups)
-    zero_t = t["zero"].float() if info["zero"] == "float32" else torch.from_numpy(zero)
-    grid = QuantGrid(scale, zero_t, torch.from_numpy(row_bits).to(torch.int64), info["groupsize"])
-    return _dequantize(torch.from_numpy(codes), slots, grid, dtype)
+    if info["zero"] == "float32":
+        zero = t["zero"].float().numpy()
+    s, z, _ = _grid_arrays(scale, zero, row_bits, info["groupsize"], cols)
+    return _from_bits(_dequantize(codes, slots, s, z, dtype), dtype)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -475,8 +514,8 @@ def _tied_aliases(state: dict[str, torch.Tensor]) -> dict[str, str]:
     return aliases
 
 
-def _validate(model, layers, masks, grids) -> dict[str, torch.Tensor]:
-    """Check the inputs before any work; -> the mask of every pruned layer (cpu, bool)."""
+def _validate(model, layers, masks, grids) -> dict[str, np.ndarray]:
+    """Check the inputs before any work; -> the mask of every pruned layer (bool numpy)."""
     for what, given in (("masks", masks), ("grids", grids)):
         unknown = sorted(set(given or {}) - set(layers))
         if unknown:
@@ -486,19 +525,19 @@ def _validate(model, layers, masks, grids) -> dict[str, torch.Tensor]:
     for name, layer in layers.items():
         w = layer.weight.detach().cpu()
         if masks is not None and name in masks:
-            mask = masks[name].detach().cpu().to(torch.bool)
-            if mask.shape != w.shape:
+            mask = masks[name].detach().cpu().to(torch.bool).numpy()
+            if mask.shape != tuple(w.shape):
                 raise ValueError(f"masks[{name!r}] has shape {list(mask.shape)}, weight is {list(w.shape)}")
-            stray = int(torch.count_nonzero(w[~mask]))
+            stray = int(np.count_nonzero(_store_bits(w, torch.float32)[~mask] << 1))  # (±0 is zero)
             if stray:
                 raise ValueError(f"layer {name}: {stray} nonzero weights where masks[{name!r}] says pruned")
         else:
-            mask = w != 0
+            mask = (_store_bits(w, torch.float32) << 1) != 0
         if grids and name in grids:
             g = grids[name]
             if g.scale.shape[0] != w.shape[0] or g.bits.numel() != w.shape[0]:
                 raise ValueError(f"grids[{name!r}] has {g.scale.shape[0]} rows, weight has {w.shape[0]}")
-            if int(g.bits.max()) > 16:
+            if not 1 <= int(g.bits.min()) <= int(g.bits.max()) <= 16:
                 raise ValueError(f"grids[{name!r}]: bit widths must be in [1, 16]")
         out[name] = mask
     return out
@@ -547,7 +586,7 @@ def save_pruned(
         if key in pruned_keys or key in aliases:
             continue
         t = t.detach().cpu()
-        dense[key] = (t.to(store) if t.is_floating_point() else t).contiguous()
+        dense[key] = _from_bits(_store_bits(t, store), store) if t.is_floating_point() else t.contiguous()
 
     pruned, layer_info = {}, {}
     for name, layer in tqdm(layers.items(), desc="save layers", disable=not progress):

@@ -101,6 +101,17 @@ def rice_reference(mask_flat: np.ndarray, k: int) -> tuple[list[int], list[int]]
     return unary, low
 
 
+@pytest.mark.parametrize("bits", list(range(1, 17)))
+def test_packing_gives_the_bytes_of_quant_pack_bits(bits):
+    from sparsegpt_utils.quant import pack_bits, unpack_bits
+
+    codes = torch.randint(0, 2**bits, (1001,), generator=torch.Generator().manual_seed(bits))
+    packed = save_utils._pack(codes.numpy(), bits)
+    assert torch.equal(packed, pack_bits(codes, bits))
+    assert np.array_equal(save_utils._unpack(packed, bits, 1001), unpack_bits(packed, bits, 1001).numpy())
+    assert np.array_equal(save_utils._unpack(packed, bits, 1001), codes.numpy())
+
+
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.1, 0.5, 1.0])
 def test_rice_code_matches_reference_and_round_trips(density):
     rng = np.random.default_rng(1)
