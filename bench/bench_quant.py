@@ -66,6 +66,22 @@ def storage_bits(model, masks, grids, groupsize):
     return total / params, width / params
 
 
+def markdown_table(df: pd.DataFrame) -> str:
+    """The CSV as a Markdown table, one row per configuration."""
+    lines = ["| density | quantizer | asked | allocation | importance | bits/weight | planned | width "
+             "| ppl |", "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    names = {"none": "none (fp16)", "rtn": "RTN uniform", "gptq": "GPTQ uniform",
+             "mixed": "GPTQ mixed", "global": "GPTQ mixed, global"}
+    for _, r in df.iterrows():
+        def f(key, fmt="{:.3f}"):
+            v = r.get(key)
+            return "" if v is None or pd.isna(v) else fmt.format(v)
+        lines.append(f"| {r['density']} | {names[r['kind']]} | {f('bits_asked', '{:g}')} | "
+                     f"{f('method', '{}')} | {f('importance', '{}')} | {f('avg_bits')} | "
+                     f"{f('planned_bits')} | {f('avg_width', '{:.2f}')} | {f('ppl', '{:.2f}')} |")
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m")
@@ -82,7 +98,11 @@ def main(argv=None):
     p.add_argument("--global", dest="with_global", action="store_true", help="add whole-model allocations")
     p.add_argument("--only", nargs="*", default=None, help="run only these configuration keys")
     p.add_argument("--out", default="results/bench_quant.csv")
+    p.add_argument("--table", action="store_true", help="print the CSV as a Markdown table and stop")
     args = p.parse_args(argv)
+    if args.table:
+        print(markdown_table(pd.read_csv(args.out)))
+        return
 
     out = Path(args.out)
     done = pd.read_csv(out) if out.is_file() else pd.DataFrame()
