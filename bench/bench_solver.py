@@ -202,10 +202,10 @@ def bench_floor(base, calib, threads: int, profile: bool) -> pd.DataFrame:
         from torch.profiler import profile as torch_profile
 
         with torch_profile() as prof:
-            t = timed_prune(base, calib, True)
+            t = timed_prune(base, calib, "shared")
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     else:
-        t = timed_prune(base, calib, True)
+        t = timed_prune(base, calib, "shared")
     rate_after = matmul_rate(threads)
     rate = (rate_before + rate_after) / 2
     flops = prune_flops(base, samples, seqlen)
