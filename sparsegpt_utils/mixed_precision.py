@@ -377,10 +377,6 @@ class QuantizationStats:
         """Stacked bars: the share of each layer's rows at each width, with bits/weight
         (metadata included) on a second axis. Saves to ``path`` (PNG/SVG) when given; returns
         the figure."""
-        import matplotlib
-
-        if ax is None and path is not None:
-            matplotlib.use("Agg", force=False)
         import matplotlib.pyplot as plt
 
         df = self.to_dataframe()
