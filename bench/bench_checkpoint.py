@@ -97,7 +97,7 @@ def main(argv=None):
         load_dense_s, _ = timed(lambda: AutoModelForCausalLM.from_pretrained(dense_dir, dtype=torch.float16),
                                 args.repeats)
         dense_bytes = checkpoint_bytes(dense_dir)
-        del half
+        half = None  # free it
         rows = [{"setting": "dense fp16 (save_pretrained)", "density": 1.0, "sparsity": 0.0,
                  "bits/weight": 16.0, "mask forms": "-", "bytes": dense_bytes, "vs dense": 1.0,
                  "save_s": save_dense_s, "load_s": load_dense_s, "save×": 1.0, "load×": 1.0,
@@ -122,7 +122,7 @@ def main(argv=None):
                          "save_s": save_s, "load_s": load_s, "save×": save_s / save_dense_s,
                          "load×": load_s / load_dense_s, "exact": exact})
             print(rows[-1])
-            del model, loaded
+            model = loaded = None  # free them
         table = pd.DataFrame(rows)
         pd.set_option("display.width", 200)
         print(table.round({"save_s": 2, "load_s": 2, "save×": 2, "load×": 2}).to_string(index=False))

@@ -53,7 +53,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .models import get_adapter, pruned_linears
-from .quant import QuantGrid, grid_storage_bits, width_map_bits
+from .quant import QuantGrid, quant_storage_bits, width_map_bits
 
 __all__ = [
     "FORMAT",
@@ -382,9 +382,11 @@ def _from_bits(bits: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
 
 
 def _grid_arrays(scale: np.ndarray, zero: np.ndarray, bits: np.ndarray, groupsize, cols: int):
-    """scale, zero [rows, cols] float32 (each column's grid) and maxq [rows, 1]."""
-    idx = np.zeros(cols, dtype=np.int64) if groupsize is None else np.arange(cols) // groupsize
+    """scale, zero float32 broadcastable to [rows, cols] (each column's grid), maxq [rows, 1]."""
     maxq = (2.0 ** bits - 1).astype(np.float32)[:, None]
+    if groupsize is None or scale.shape[1] == 1:
+        return scale[:, :1], zero[:, :1], maxq
+    idx = np.arange(cols) // groupsize
     return scale[:, idx], zero[:, idx], maxq
 
 
@@ -453,10 +455,11 @@ def _encode_layer(weight: torch.Tensor, mask: np.ndarray, grid: QuantGrid | None
             info["zero"] = "float32"
             tensors["zero"] = torch.from_numpy(np.ascontiguousarray(zero))
         info["scale_dtype"] = _dtype_name(tensors["scale"].dtype)
-        # the shared storage model (quant.grid_storage_bits) with the scale width used here
-        info["bits_model"] = grid_storage_bits(
-            grid, cols, torch.from_numpy(mask), sym=info["zero"] == "midpoint",
-            scale_bits=torch.finfo(tensors["scale"].dtype).bits) / (rows * cols)
+        # the shared storage model (quant.quant_storage_bits) with the scale width used here
+        per_row = None if kept == rows * cols else torch.from_numpy(mask.sum(1))
+        info["bits_model"] = quant_storage_bits(
+            rows, cols, torch.from_numpy(bits), grid.groupsize, sym=info["zero"] == "midpoint",
+            kept=per_row, scale_bits=torch.finfo(tensors["scale"].dtype).bits) / (rows * cols)
     info["tensors"] = {k: _tensor_info(v) for k, v in tensors.items()}
     info["bytes"] = sum(v["bytes"] for v in info["tensors"].values())
     info["bits_per_weight"] = 8 * info["bytes"] / (rows * cols)

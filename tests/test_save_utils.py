@@ -275,7 +275,7 @@ def test_size_targets_on_a_small_model(tmp_path, setting):
 
 
 def test_quantized_bits_agree_with_the_shared_storage_model(tmp_path):
-    """A bitmask-coded quantized layer costs what quant.grid_storage_bits says, up to byte padding."""
+    """A bitmask-coded quantized layer costs what quant.quant_storage_bits says, up to byte padding."""
     model = small_llama()
     masks, grids = prune(model, "d0.5+3/4bit-g16")
     manifest = save_pruned(model, tmp_path / "ck", masks=masks, grids=grids, progress=False)
