@@ -82,8 +82,10 @@ class SparseLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features).to(self.weight.dtype)
-        # CSR [out, in] @ dense [in, tokens]: the sparse operand must come first
-        y = (self.weight @ x2.T.contiguous()).T
+        if x2.shape[0] == 1:  # one token (decoding): the sparse matrix-vector kernel, ~2x faster
+            y = torch.mv(self.weight, x2[0])[None]
+        else:  # CSR [out, in] @ dense [in, tokens]: the sparse operand must come first
+            y = (self.weight @ x2.T.contiguous()).T
         if self.bias is not None:
             y = y + self.bias
         return y.reshape(*lead, self.out_features)
