@@ -100,7 +100,10 @@ def _eval(args) -> dict:
     if args.checkpoint:
         from .save_utils import load_pruned
 
-        model, tok = load_pruned(args.checkpoint, device=device)
+        from .models import resolve_dtype
+
+        # fp16 → fp32 is exact, and fp16 matmuls are slow on CPU
+        model, tok = load_pruned(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype, device))
     else:
         model, tok = load_model(args.model, args.dtype, device=device)
     seqlen = args.seqlen or model_seqlen(model)

@@ -202,11 +202,12 @@ def _save_or_measure(model, tokenizer, pruned: PruneResult, exp: Experiment, res
     out = {"size_bytes": None, "dense_size_bytes": dense_fp16_bytes(model), "avg_bits": None}
     metadata = {k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}
     if exp.save:
-        manifest = save_pruned(model, exp.save, tokenizer, pruned.masks, pruned.grids or None, metadata)
+        manifest = save_pruned(model, exp.save, tokenizer, pruned.masks, pruned.grids or None, metadata,
+                               progress=exp.progress)
     elif pruned.grids:
         with tempfile.TemporaryDirectory() as tmp:
             manifest = save_pruned(model, Path(tmp) / "ckpt", tokenizer, pruned.masks, pruned.grids,
-                                   metadata)
+                                   metadata, progress=exp.progress)
     else:
         return out
     out["size_bytes"] = manifest.get("size_bytes")
