@@ -4,8 +4,9 @@ On CPU, a pruned layer whose density (kept fraction) is at most ``max_density`` 
 :class:`SparseLinear` holding its weight in CSR form (int32 indices) and multiplying with
 ``torch.sparse`` (MKL on x86). Decoding reads every weight once per token, so it is bound by
 memory traffic: CSR moves 8 bytes per kept weight (value + column index) against 4 bytes per
-weight dense, which pays off below a density of about 0.3 on the machines measured
-(``bench/bench_inference.py``).
+weight dense. With the matrix-vector kernel, one-token decoding gained from density 0.5 down
+on the machine measured (``bench/bench_inference.py``); the default threshold 0.3 also
+covers inputs of several tokens, which use the slower sparse × dense kernel.
 
 On CUDA, layers whose mask is 2:4 (at most 2 kept in every 4 consecutive input weights) can
 instead keep ``nn.Linear`` with a ``torch.sparse.to_sparse_semi_structured`` weight (fp16 /
