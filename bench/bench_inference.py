@@ -42,6 +42,14 @@ def _sync(device):
         torch.cuda.synchronize()
 
 
+def markdown(table: pd.DataFrame) -> str:
+    """The table as Markdown (needs the ``tabulate`` package), else as plain text."""
+    try:
+        return table.to_markdown(index=False)
+    except ImportError:
+        return table.to_string(index=False)
+
+
 @torch.no_grad()
 def paired_decode(models, ids: torch.Tensor, new_tokens: int) -> tuple[list[list[float]], list[torch.Tensor]]:
     """Greedy decoding with the KV cache, the models taking turns token by token (alternating
@@ -132,8 +140,9 @@ def main(argv=None) -> pd.DataFrame:
             del sparse
         del dense
     table = pd.DataFrame(rows)
-    print("\n" + table[["density", "sparsity", "variant", "layers", "dense_tok_s", "sparse_tok_s",
-                        "speedup", "max_abs_logit_diff", "greedy_agreement"]].to_markdown(index=False))
+    shown = ["density", "sparsity", "variant", "layers", "dense_tok_s", "sparse_tok_s", "speedup",
+             "max_abs_logit_diff", "greedy_agreement"]
+    print("\n" + markdown(table[shown]))
     if args.json:
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps(rows, indent=1))

@@ -50,6 +50,15 @@ from sparsegpt_utils.data import calibration_windows, default_data_dir  # noqa: 
 from sparsegpt_utils.models import get_adapter, load_model  # noqa: E402
 from sparsegpt_utils.prune import PruneConfig, prune_model  # noqa: E402
 
+
+def markdown(table: pd.DataFrame) -> str:
+    """The table as Markdown (needs the ``tabulate`` package), else as plain text."""
+    try:
+        return table.to_markdown(index=False)
+    except ImportError:
+        return table.to_string(index=False)
+
+
 # ---------------------------------------------------------------- FLOP count
 
 def prune_flops(model, samples: int, seqlen: int, blocksize: int = 128, shared: bool = True) -> dict:
@@ -256,7 +265,7 @@ def main(argv=None):
         table = bench_shared(base, calib, args.repeats)
     else:
         table = bench_floor(base, calib, args.threads, args.profile)
-    print(table.to_markdown(index=False))
+    print(markdown(table))
     if args.json:
         tmp = Path(args.json).with_suffix(".tmp")
         tmp.write_text(json.dumps({"args": vars(args), "rows": table.to_dict("records")}, indent=1))
