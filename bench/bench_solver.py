@@ -6,8 +6,7 @@ Two measurements, each within one process:
    but the calibration forwards, ``PruneResult.solver_seconds``) with shared Hessians
    (q/k/v and gate/up: one Hessian, one factorization, one stacked sweep) against one matrix
    at a time (``per_layer``: a Hessian, a factorization and a sweep per layer, as the
-   SparseGPT reference code does) and against ``separate_solves`` (``shared_hessians=False``:
-   one Hessian per group, a factorization and sweep per layer), the runs interleaved over
+   SparseGPT reference code does: ``shared_hessians=False``), the runs interleaved over
    ``--repeats`` (medians). Target: shared / per_layer <= 0.6.
 2. ``floor``: the FLOPs of a whole prune (calibration forwards, Hessians, factorizations,
    sweeps), counted from the model's shapes, divided by the machine's matmul rate measured in
@@ -30,13 +29,12 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import json
 import os
 import statistics
 import sys
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from pathlib import Path
 
 import pandas as pd
@@ -44,7 +42,6 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsegpt_utils import prune as prune_mod  # noqa: E402
 from sparsegpt_utils import solver as solver_mod  # noqa: E402
 from sparsegpt_utils.data import calibration_windows, default_data_dir  # noqa: E402
 from sparsegpt_utils.models import get_adapter, load_model  # noqa: E402
@@ -147,36 +144,17 @@ def phase_timers():
         solver_mod.inverse_hessian_factor = factor
 
 
-@contextmanager
-def one_hessian_per_layer():
-    """Make the pipeline see every linear layer as its own input group, so that each layer
-    collects its own Hessian, factorizes it and is swept alone: the one-matrix-at-a-time
-    SparseGPT of the reference code (the Hessians are the same, only computed once per layer)."""
-    original = prune_mod.get_adapter
-
-    def per_layer(model):
-        a = original(model)
-        return dataclasses.replace(a, input_groups=tuple((n,) for g in a.input_groups for n in g))
-
-    prune_mod.get_adapter = per_layer
-    try:
-        yield
-    finally:
-        prune_mod.get_adapter = original
-
-
-# mode -> (PruneConfig.shared_hessians, one Hessian per layer)
+# mode -> PruneConfig.shared_hessians
 MODES = {
-    "shared": (True, False),  # one Hessian, factorization and sweep per input group
-    "separate_solves": (False, False),  # one Hessian per group, each layer factorized and swept
-    "per_layer": (False, True),  # a Hessian, a factorization and a sweep per layer
+    "shared": True,  # one Hessian, factorization and sweep per input group (q/k/v, gate/up)
+    "per_layer": False,  # a Hessian, a factorization and a sweep per layer, as the reference code
 }
 
 
 def timed_prune(base, calib, mode: str = "shared", method: str = "sparsegpt") -> dict:
-    shared, per_layer = MODES[mode]
+    shared = MODES[mode]
     model = copy.deepcopy(base)
-    with phase_timers() as times, (one_hessian_per_layer() if per_layer else nullcontext()):
+    with phase_timers() as times:
         res = prune_model(model, calib, PruneConfig(method=method, density=0.5, shared_hessians=shared),
                           progress=False)
     sweeps = res.solver_seconds - times["hessians"] - times["factorizations"]

@@ -98,9 +98,8 @@ def _eval(args) -> dict:
 
     device = _device(args.device)
     if args.checkpoint:
-        from .save_utils import load_pruned
-
         from .models import resolve_dtype
+        from .save_utils import load_pruned
 
         # fp16 → fp32 is exact, and fp16 matmuls are slow on CPU
         model, tok = load_pruned(args.checkpoint, device=device, dtype=resolve_dtype(args.dtype, device))

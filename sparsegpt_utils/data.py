@@ -140,7 +140,8 @@ def load_text(source: str, split: str = "test", data_dir: str | Path | None = No
     try:
         return _hub_text(source, split)
     except Exception as err:  # offline, or the dataset moved
-        tried.append(f"Hugging Face hub: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}")
+        detail = str(err).splitlines()[0] if str(err) else ""
+        tried.append(f"Hugging Face hub: {type(err).__name__}: {detail}")
         raise DataNotFoundError(
             f"no {split} text for {source!r}; tried:\n  " + "\n  ".join(tried)
         ) from err

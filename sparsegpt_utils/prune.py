@@ -113,7 +113,8 @@ def prune_model(
     blocks = adapter.blocks(model)
     device = torch.device(device) if device is not None else _device_of(model)
     if config.block_densities is not None and len(config.block_densities) != len(blocks):
-        raise ValueError(f"block_densities has {len(config.block_densities)} entries for {len(blocks)} blocks")
+        raise ValueError(
+            f"block_densities has {len(config.block_densities)} entries for {len(blocks)} blocks")
     needs_data = config.method != "magnitude"
     if needs_data and (calibration is None or calibration.ndim != 2):
         raise ValueError("calibration must be token ids [samples, seqlen] for sparsegpt and wanda")
@@ -131,6 +132,8 @@ def prune_model(
         home = _device_of(block)
         block.to(device)
         groups = adapter.linear_groups(block)
+        if not config.shared_hessians:  # the reference behaviour: one Hessian per layer
+            groups = [[layer] for group in groups for layer in group]
         density = config.density_of_block(index)
 
         accumulators: dict[int, HessianAccumulator] = {}
@@ -186,8 +189,9 @@ def _solve_group(config, names, layers, hessian, density, accumulator):
         quant = _row_quant(config, names, layers, hessian)
         prior_mask = None
         if any(n in prior for n in names):
-            prior_mask = torch.cat([prior.get(n, torch.ones_like(layer.weight, dtype=torch.bool)).to(weight.device)
-                                    for n, layer in zip(names, layers)])
+            prior_mask = torch.cat([
+                prior.get(n, torch.ones_like(layer.weight, dtype=torch.bool)).to(weight.device)
+                for n, layer in zip(names, layers)])
         res = sparsegpt_solve(
             weight, hessian, density, config.nm, quant, config.blocksize, config.mask_blocksize,
             config.percdamp, segments=[layer.out_features for layer in layers], prior_mask=prior_mask,
