@@ -84,6 +84,16 @@ def _models(df: pd.DataFrame) -> list[str]:
     return sorted(df["model"].dropna().astype(str).unique()) if "model" in df and not df.empty else [""]
 
 
+def _dense_ppl(rows: pd.DataFrame) -> float | None:
+    """The dense model's perplexity: rows at density 1, else the rows' ``ppl_dense``."""
+    dense = rows[rows["density"] >= 1]
+    if not dense.empty:
+        return float(dense["ppl"].median())
+    if "ppl_dense" in rows and rows["ppl_dense"].notna().any():
+        return float(pd.to_numeric(rows["ppl_dense"], errors="coerce").median())
+    return None
+
+
 def ppl_vs_density(df: pd.DataFrame, logy: bool = False, families: Sequence[str] = FAMILIES,
                    eval_source: str | None = None) -> plt.Figure:
     """Perplexity against density (fraction kept), one line per method family, one panel per
@@ -96,8 +106,7 @@ def ppl_vs_density(df: pd.DataFrame, logy: bool = False, families: Sequence[str]
     fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
     for ax, model in zip(axes[0], models, strict=True):
         sub = rows[rows["model"].astype(str) == model] if model else rows
-        dense = sub[sub["density"] >= 1]
-        dense_ppl = float(dense["ppl"].median()) if not dense.empty else None
+        dense_ppl = _dense_ppl(sub)
         drawn = 0
         present = [f for f in families if f in set(sub.get("family", []))]
         present += sorted(set(sub.get("family", [])) - set(families) - {np.nan})
@@ -194,7 +203,17 @@ def ppl_table(df: pd.DataFrame, families: Sequence[str] = FAMILIES) -> pd.DataFr
     index = [c for c in ("model", "eval", "density") if c in rows]
     table = rows.pivot_table(index=index, columns="family", values="ppl", aggfunc="median")
     order = [f for f in families if f in table.columns] + sorted(set(table.columns) - set(families))
-    table = table[order].sort_index(ascending=[True] * (len(index) - 1) + [False])
+    table = table[order]
+    if "ppl_dense" in rows and rows["ppl_dense"].notna().any() and len(index) > 1:
+        # the dense model's perplexity, as recorded beside each pruned run, as a density-1 row
+        dense = rows.groupby(index[:-1])["ppl_dense"].median().dropna()
+        for key, value in dense.items():
+            key = key if isinstance(key, tuple) else (key,)
+            if (*key, 1.0) not in table.index:
+                table.loc[(*key, 1.0), :] = np.nan
+            table.loc[(*key, 1.0), "dense"] = value
+        table = table[[c for c in ["dense", *order] if c in table.columns]]
+    table = table.sort_index(ascending=[True] * (len(index) - 1) + [False])
     table.columns.name = None
     return table.reset_index()
 

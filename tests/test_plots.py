@@ -104,3 +104,14 @@ def test_save_figure_writes_each_format_atomically_and_reproducibly(tmp_path):
     assert sorted(p.name for p in (tmp_path / "sub").iterdir()) == ["fig.png", "fig.svg"]
     with pytest.raises(ValueError, match="png, svg, pdf"):
         plots.save_figure(fig, tmp_path / "x", formats=("jpg",))
+
+
+def test_dense_perplexity_recorded_beside_pruned_runs_ends_curves_and_fills_the_table():
+    df = _results()
+    df = df[df["density"] < 1].assign(ppl_dense=20.0)
+    lines = _lines(plots.ppl_vs_density(df).axes[0])
+    assert lines["sparsegpt"][0][-1] == 1.0 and lines["sparsegpt"][1][-1] == 20.0
+    table = plots.ppl_table(df).set_index("density")
+    assert list(table.columns[:3]) == ["model", "eval", "dense"]
+    assert table.loc[1.0, "dense"] == 20.0 and np.isnan(table.loc[1.0, "sparsegpt"])
+    assert table.loc[0.5, "sparsegpt"] == 60.0
