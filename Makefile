@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 export SPARSEGPT_DATA_DIR ?= $(abspath ../shared/data)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint bench paper clean
+.PHONY: setup demo test test-fast lint paper notebooks clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,13 +20,24 @@ $(VENV)/.installed: pyproject.toml
 setup: $(VENV)/.installed
 
 demo: setup
-	$(PY) -m papermill notebooks/1_SparseGPT.ipynb pruned_models/1_SparseGPT.out.ipynb --cwd notebooks
+	$(PY) -m papermill notebooks/1_SparseGPT.ipynb results/1_SparseGPT.out.ipynb --cwd notebooks
 
+# everything, the notebooks re-executed and compared with their committed outputs (nbval)
 test: setup
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q tests notebooks --nbval --nbval-current-env \
+	    --nbval-sanitize-with notebooks/nbval_sanitize.cfg
 
 test-fast: setup
 	$(PY) -m pytest -q -m "not slow" tests
+
+# the paper-scale grid (GPU + hub): WikiText-2 and C4 from the hub, not the local files
+paper: setup
+	SPARSEGPT_DATA_DIR= $(PY) -m sparsegpt_utils sweep --grid configs/paper.yaml
+	$(PY) -m papermill notebooks/4_Paper_Results.ipynb results/4_Paper_Results.out.ipynb --cwd notebooks
+
+# refresh the committed notebook outputs after a deliberate change (runs 1 → 4 in order)
+notebooks: setup
+	$(PY) -c "import glob; from sparsegpt_utils.sweep import refresh_notebooks as r; r(sorted(glob.glob('notebooks/[0-9]_*.ipynb')))"
 
 lint: setup
 	$(PY) -m ruff check sparsegpt_utils tests bench

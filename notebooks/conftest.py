@@ -23,7 +23,19 @@ from sparsegpt_utils.sweep import notebook_env
 os.environ.update(notebook_env(os.environ.get("NBVAL_WORKDIR") or tempfile.mkdtemp(prefix="nbval-work-")))
 
 
+def _offline_data() -> bool:
+    from sparsegpt_utils.data import default_data_dir
+
+    d = default_data_dir()
+    return d is not None and (d / "wikitext-2-raw" / "wiki.test.raw").is_file()
+
+
 def pytest_collection_modifyitems(config, items):
+    have_data = _offline_data()
     for item in items:
         if type(item).__name__ == "IPyNbCell":  # notebook cells load the real model: slow
             item.add_marker(pytest.mark.slow)
+            if not have_data and "notebooks" in str(item.fspath):
+                # the committed outputs were computed on WikiText-2; without it they cannot match
+                item.add_marker(pytest.mark.skip(
+                    reason="WikiText-2 offline data not found (set SPARSEGPT_DATA_DIR)"))

@@ -5,6 +5,11 @@ density = fraction of weights kept; sparsity = 1 - density.
 
 __version__ = "0.1.0"
 
+import warnings  # noqa: E402
+
+# tqdm.auto's notice that ipywidgets is absent depends on the machine, not on the run
+warnings.filterwarnings("ignore", message="IProgress not found")
+
 from .data import calibration_windows, eval_tokens, load_text  # noqa: E402
 from .evaluate import density_report, overall_density, perplexity  # noqa: E402
 from .models import get_adapter, load_model, pruned_linears  # noqa: E402

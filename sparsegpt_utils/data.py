@@ -46,8 +46,8 @@ class DataNotFoundError(FileNotFoundError):
 def default_data_dir() -> Path | None:
     """``SPARSEGPT_DATA_DIR``, else ``../shared/data`` beside the project when it exists."""
     env = os.environ.get("SPARSEGPT_DATA_DIR")
-    if env:
-        return Path(env)
+    if env is not None:  # set but empty: no local data, the hub only
+        return Path(env) if env else None
     guess = Path(__file__).resolve().parents[2] / "shared" / "data"
     return guess if guess.is_dir() else None
 

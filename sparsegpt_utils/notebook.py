@@ -29,8 +29,8 @@ def checkpoint_name(model: str, method: str, density: float | None = None, nm: s
     return name
 
 
-def run_sparsity_list(runs: list[Experiment], pruned_dir: str | None = None,
-                      results_csv: str | None = None, result_json: str | None = None):
+def run_sparsity_list(runs: list[Experiment], pruned_dir: str | Path | None = None,
+                      results_csv: str | Path | None = None, result_json: str | Path | None = None):
     """Run experiments that share one model: load it once, evaluate it dense once, then prune
     a fresh copy per run. Returns (results table, per-layer density report of each run)."""
     if not runs:
@@ -59,9 +59,9 @@ def run_sparsity_list(runs: list[Experiment], pruned_dir: str | None = None,
         result["checkpoint"] = save
         if results_csv:
             append_csv_row(results_csv, result)
-        if result_json:
-            write_json_atomic(result_json, result)
         rows.append(result)
+        if result_json:  # every run so far, so that an interrupted list keeps what finished
+            write_json_atomic(result_json, rows)
         reports.append(density_report(pruned_model))
     table = pd.DataFrame(rows)
     table["size_mb"] = table["size_bytes"] / 2**20 if "size_bytes" in table else None

@@ -28,7 +28,7 @@ def atomic_write_text(path: str | Path, text: str) -> Path:
     return path
 
 
-def write_json_atomic(path: str | Path, obj: dict) -> Path:
+def write_json_atomic(path: str | Path, obj: dict | list) -> Path:
     return atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=str) + "\n")
 
 

@@ -35,15 +35,16 @@ EVAL_WINDOWS = 8                # None: the whole test set
 SEED = 0
 DEVICE = "auto"                 # auto | cpu | cuda
 SAVE_MODELS = True              # compact checkpoints under PRUNED_DIR
-PRUNED_DIR = "../pruned_models"
-RESULTS_CSV = "../results/1_SparseGPT.csv"
-RESULT_JSON = None              # a sweep sets this: the last run's result object goes there
+PRUNED_DIR = None               # None: $SPARSEGPT_PRUNED_DIR, else <project>/pruned_models
+RESULTS_CSV = None              # None: 1_SparseGPT.csv in $SPARSEGPT_RESULTS_DIR or <project>/results
+RESULT_JSON = None              # a sweep sets this: the list of this notebook's result objects
 SHOW_PROGRESS = False           # tqdm bars (off by default to keep saved outputs short)"""),
     code("""import pandas as pd
 from sparsegpt_utils.experiment import Experiment
 from sparsegpt_utils.notebook import run_sparsity_list
+from sparsegpt_utils.sweep import pruned_dir, results_dir
 
-pd.set_option("display.precision", 3)
+pd.set_option("display.precision", 2)
 model_name = model_name or f"facebook/opt-{model_size}"
 runs = [
     Experiment(
@@ -60,8 +61,8 @@ print(f"{len(runs)} run(s) of {METHOD} on {model_name}")"""),
     md("## Prune, evaluate and save each setting\n\nThe dense model is evaluated once on the "
        "same windows; each run starts from a fresh copy of it."),
     code("""table, layer_reports = run_sparsity_list(
-    runs, pruned_dir=PRUNED_DIR if SAVE_MODELS else None, results_csv=RESULTS_CSV,
-    result_json=RESULT_JSON)
+    runs, pruned_dir=pruned_dir(PRUNED_DIR) if SAVE_MODELS else None,
+    results_csv=RESULTS_CSV or results_dir() / "1_SparseGPT.csv", result_json=RESULT_JSON)
 table[["method", "density", "sparsity", "nm", "wbits", "density_achieved", "sparsity_achieved",
        "ppl_dense", "ppl", "avg_bits", "size_mb", "dense_size_mb"]]"""),
     md("## Density of every pruned layer (last run)"),
