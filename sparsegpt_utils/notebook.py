@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 from pathlib import Path
 
 import pandas as pd
@@ -11,22 +10,9 @@ import pandas as pd
 from .evaluate import density_report
 from .experiment import Experiment, _device, evaluate_model, run_experiment
 from .models import load_model, model_seqlen
-from .results import append_csv_row, write_json_atomic
+from .results import append_csv_row, checkpoint_name, write_json_atomic
 
 __all__ = ["checkpoint_name", "run_sparsity_list"]
-
-
-def checkpoint_name(model: str, method: str, density: float | None = None, nm: str | None = None,
-                    wbits: int | None = None, target_avg_bits: float | None = None) -> str:
-    """Folder name of a pruned model under ``pruned_models/``, e.g.
-    ``smollm2-135m_sparsegpt_d0.5`` (d = density, the fraction KEPT), ``..._nm2-4_w4``."""
-    slug = re.sub(r"[^A-Za-z0-9.-]+", "-", Path(model).name if Path(model).is_dir() else model)
-    name = f"{slug}_{method}_" + (f"nm{nm.replace(':', '-')}" if nm else f"d{density:g}")
-    if target_avg_bits is not None:
-        name += f"_avg{target_avg_bits:g}"
-    elif wbits is not None:
-        name += f"_w{wbits}"
-    return name
 
 
 def run_sparsity_list(runs: list[Experiment], pruned_dir: str | Path | None = None,

@@ -40,6 +40,8 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .results import checkpoint_name, model_slug, write_atomic, write_csv_atomic, write_json_atomic
+
 __all__ = [
     "RESULT_PARAM",
     "Run",
@@ -81,42 +83,6 @@ def pruned_dir(path: str | Path | None = None) -> Path:
     """Where pruned checkpoints go: ``path``, else ``$SPARSEGPT_PRUNED_DIR``, else
     ``<project>/pruned_models``."""
     return Path(path or os.environ.get("SPARSEGPT_PRUNED_DIR") or _project_root() / "pruned_models")
-
-
-def _write_atomic(path: Path, write) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
-def write_json_atomic(path: str | Path, obj) -> Path:
-    """Write ``obj`` as JSON to ``path`` through a temporary file and a rename."""
-    def write(tmp):
-        with open(tmp, "w", encoding="utf-8") as f:
-            json.dump(obj, f, indent=2, default=_json_default)
-            f.write("\n")
-    return _write_atomic(Path(path), write)
-
-
-def write_csv_atomic(path: str | Path, df: pd.DataFrame) -> Path:
-    """Write ``df`` as CSV (no index) through a temporary file and a rename."""
-    return _write_atomic(Path(path), lambda tmp: df.to_csv(tmp, index=False))
-
-
-def _json_default(obj):
-    if hasattr(obj, "item"):  # numpy / torch scalars
-        return obj.item()
-    if isinstance(obj, Path):
-        return str(obj)
-    raise TypeError(f"{type(obj).__name__} is not JSON serializable")
 
 
 # ---------------------------------------------------------------- grids
@@ -569,22 +535,12 @@ def cli_main(args) -> int:
 
 # ---------------------------------------------------------------- testing saved checkpoints
 
-def checkpoint_name(model: str, method: str, density: float) -> str:
-    """The folder name notebook 1 saves an unquantized pruned model under:
-    ``<model>_<method>_d<density>`` (a hub id's ``/`` becomes ``-``; a local folder: its name)."""
-    return f"{_model_slug(model)}_{method}_d{density:g}"
-
-
-def _model_slug(model: str) -> str:
-    return re.sub(r"[^A-Za-z0-9.-]+", "-", Path(model).name if Path(model).is_dir() else model)
-
-
 def find_checkpoints(root: str | Path, model: str, method: str,
                      densities: Sequence[float]) -> dict[float, Path | None]:
     """For each density, the saved folder ``<root>/<model>_<method>_d<density>`` (the density
     matched as a number, so ``d0.5`` and ``d0.50`` both count), or None when there is none."""
     root = Path(root)
-    names = {model, _model_slug(model), model.replace("/", "_"), model.split("/")[-1]}
+    names = {model, model_slug(model), model.replace("/", "_"), model.split("/")[-1]}
     found: dict[float, Path] = {}
     for path in sorted(root.glob("*_d*")) if root.is_dir() else []:
         m = re.fullmatch(r"(.+)_([^_]+)_d([0-9.]+)", path.name)
@@ -750,7 +706,7 @@ def refresh_notebooks(notebooks: Sequence[str | Path], workdir: str | Path | Non
             start = time.perf_counter()
             NotebookClient(nb, kernel_name=kernel, timeout=timeout,
                            resources={"metadata": {"path": str(path.resolve().parent)}}).execute()
-            _write_atomic(path, lambda tmp, nb=nb: nbformat.write(nb, tmp))
+            write_atomic(path, lambda tmp, nb=nb: nbformat.write(nb, tmp))
             print(f"{path}: {time.perf_counter() - start:.0f} s")
     finally:
         os.environ.clear()
