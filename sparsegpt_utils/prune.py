@@ -116,6 +116,8 @@ def prune_model(
         raise ValueError(
             f"block_densities has {len(config.block_densities)} entries for {len(blocks)} blocks")
     needs_data = config.method != "magnitude"
+    # Wanda needs only ‖x_j‖ (diag H) — unless mixed precision wants full Hessians
+    wanda_only = config.method == "wanda" and config.row_bits is None
     if needs_data and (calibration is None or calibration.ndim != 2):
         raise ValueError("calibration must be token ids [samples, seqlen] for sparsegpt and wanda")
 
@@ -141,7 +143,8 @@ def prune_model(
             handles = []
             for g, group in enumerate(groups):
                 layer = group[0][1]
-                accumulators[g] = HessianAccumulator(layer.in_features, device)
+                accumulators[g] = HessianAccumulator(
+                    layer.in_features, device, diagonal_only=wanda_only)
                 handles.append(layer.register_forward_hook(
                     lambda _m, inp, _out, acc=accumulators[g]: acc.add(inp[0])))
             for x in inputs:  # pass 1: Hessians

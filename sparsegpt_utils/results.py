@@ -15,6 +15,10 @@ __all__ = ["write_json_atomic", "write_csv_atomic", "append_csv_row", "atomic_wr
            "write_atomic", "checkpoint_name", "model_slug"]
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     """Call ``write(tmp_path)`` on a temporary file in ``path``'s folder, then rename it over
     ``path``: readers see the old file or the new one, never half of one."""
@@ -24,6 +28,7 @@ def write_atomic(path: str | Path, write: Callable[[str], object]) -> Path:
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the usual mode
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -57,11 +57,15 @@ class HessianAccumulator:
     """Running mean ``H = (2/n) Σ x xᵀ`` over the ``n`` tokens seen, in float32.
 
     ``add(x, token_mask)`` takes activations [..., columns] and an optional bool mask of the
-    leading shape that is False at padding tokens, which are left out.
+    leading shape that is False at padding tokens, which are left out. ``diagonal_only`` keeps
+    just ``diag H`` [columns] (all Wanda needs: d instead of d² work per token).
     """
 
-    def __init__(self, columns: int, device: torch.device | str | None = None):
-        self.hessian = torch.zeros(columns, columns, dtype=torch.float32, device=device)
+    def __init__(self, columns: int, device: torch.device | str | None = None,
+                 diagonal_only: bool = False):
+        shape = (columns,) if diagonal_only else (columns, columns)
+        self.hessian = torch.zeros(shape, dtype=torch.float32, device=device)
+        self.diagonal_only = diagonal_only
         self.tokens = 0
         self.seconds = 0.0  # time spent accumulating (for the benchmarks)
 
@@ -84,11 +88,17 @@ class HessianAccumulator:
         self.hessian *= self.tokens / (self.tokens + n)
         self.tokens += n
         x = math.sqrt(2 / self.tokens) * x
-        self.hessian.addmm_(x.T, x)
+        if self.diagonal_only:
+            self.hessian += (x * x).sum(0)
+        else:
+            self.hessian.addmm_(x.T, x)
+
+    def diagonal(self) -> torch.Tensor:
+        return self.hessian if self.diagonal_only else torch.diagonal(self.hessian)
 
     def column_norms(self) -> torch.Tensor:
         """‖x_j‖₂ over the tokens seen, [columns] (what Wanda scores with)."""
-        return torch.sqrt(torch.diagonal(self.hessian) * self.tokens / 2)
+        return torch.sqrt(self.diagonal() * self.tokens / 2)
 
 
 @dataclass

@@ -177,6 +177,11 @@ def test_hessian_is_running_mean_without_padding():
     assert acc.tokens == int(pad.sum())
     assert torch.allclose(acc.hessian.double(), expected, atol=1e-5)
     assert torch.allclose(acc.column_norms().double(), tokens.norm(dim=0), atol=1e-4)
+    diag = HessianAccumulator(8, diagonal_only=True)  # what Wanda accumulates
+    diag.add(x[:2], pad[:2])
+    diag.add(x[2:], pad[2:])
+    assert diag.hessian.shape == (8,)
+    assert torch.allclose(diag.column_norms(), acc.column_norms(), atol=1e-5)
 
 
 def test_prior_mask_only_shrinks():
