@@ -13,7 +13,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_opt
 
 from sparsegpt_utils.evaluate import density_report, overall_density
 from sparsegpt_utils.finetune import (
@@ -29,6 +28,7 @@ from sparsegpt_utils.finetune import (
 )
 from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
+from tests.conftest import tiny_llama, tiny_opt
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -168,7 +168,7 @@ def test_bad_input_names_the_parameter():
 WORKER = r"""
 import json, sys, torch
 sys.path.insert(0, sys.argv[2])
-from conftest import tiny_llama
+from tests.conftest import tiny_llama
 from accelerate import Accelerator
 from sparsegpt_utils.finetune import FinetuneConfig, finetune
 from sparsegpt_utils.evaluate import density_report, overall_density

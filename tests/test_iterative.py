@@ -9,7 +9,6 @@ import json
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_llama, tiny_opt
 
 from sparsegpt_utils.finetune import FinetuneConfig
 from sparsegpt_utils.iterative import (
@@ -26,6 +25,7 @@ from sparsegpt_utils.iterative import (
 from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.owl import block_params, outlier_ratios, owl_densities
 from sparsegpt_utils.save_utils import load_pruned
+from tests.conftest import tiny_llama, tiny_opt
 
 
 def _ids(n, seed):

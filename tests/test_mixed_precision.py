@@ -8,7 +8,6 @@ import itertools
 import pandas as pd
 import pytest
 import torch
-from conftest import tiny_llama
 
 from sparsegpt_utils.mixed_precision import (
     MixedPrecisionAllocator,
@@ -21,6 +20,7 @@ from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
 from sparsegpt_utils.quant import QuantSpec, grid_storage_bits, quant_storage_bits, rtn_quantize
 from sparsegpt_utils.solver import sparsegpt_solve
+from tests.conftest import tiny_llama
 
 
 def salient_layer(rows=128, cols=256, salient=8, tokens=1024, seed=0):

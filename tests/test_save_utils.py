@@ -10,7 +10,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import tiny_llama, tiny_opt
 
 from sparsegpt_utils import save_utils
 from sparsegpt_utils.evaluate import perplexity
@@ -28,6 +27,7 @@ from sparsegpt_utils.save_utils import (
     save_pruned,
 )
 from sparsegpt_utils.solver import magnitude_mask
+from tests.conftest import tiny_llama, tiny_opt
 
 SETTINGS = ["d0.5", "2:4", "d0.1", "d0.5+4bit", "d0.5+3/4bit-g16"]
 

@@ -7,12 +7,12 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_opt
 
 from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
 from sparsegpt_utils.quant import QuantSpec
 from sparsegpt_utils.solver import sparsegpt_solve
+from tests.conftest import tiny_llama, tiny_opt
 
 
 def _hessian(cols: int, tokens: int = 512, seed: int = 0) -> torch.Tensor:

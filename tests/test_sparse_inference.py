@@ -7,7 +7,6 @@ import copy
 
 import pytest
 import torch
-from conftest import tiny_llama, tiny_opt
 from torch import nn
 
 from sparsegpt_utils.models import pruned_linears
@@ -19,6 +18,7 @@ from sparsegpt_utils.sparse_inference import (
     is_nm_sparse,
     sparsify_for_inference,
 )
+from tests.conftest import tiny_llama, tiny_opt
 
 
 def _sparse_linear(rows=48, cols=40, density=0.2, bias=True, seed=0):
