@@ -200,7 +200,11 @@ def _save_or_measure(model, tokenizer, pruned: PruneResult, exp: Experiment, res
     from .save_utils import dense_fp16_bytes, save_pruned
 
     out = {"size_bytes": None, "dense_size_bytes": dense_fp16_bytes(model), "avg_bits": None}
-    metadata = {k: v for k, v in result.items() if isinstance(v, (int, float, str, type(None)))}
+    # what the model is, not how this run went: timings and memory would make the size of the
+    # same model differ from run to run
+    volatile = {"prune_seconds", "peak_rss_mb", "peak_gpu_mb"}
+    metadata = {k: v for k, v in result.items()
+                if isinstance(v, (int, float, str, type(None))) and k not in volatile}
     if exp.save:
         manifest = save_pruned(model, exp.save, tokenizer, pruned.masks, pruned.grids or None, metadata,
                                progress=exp.progress)
