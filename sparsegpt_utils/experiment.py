@@ -8,7 +8,7 @@ import platform
 import resource
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -219,7 +219,3 @@ def _save_or_measure(model, tokenizer, pruned: PruneResult, exp: Experiment, res
         out["avg_bits"] = manifest.get("avg_bits")
     out["bits_per_weight"] = manifest.get("avg_bits")
     return out
-
-
-def as_dict(exp: Experiment) -> dict:
-    return asdict(exp)
