@@ -622,7 +622,6 @@ def save_pruned(
             "avg_bits": 8 * sum(i["bytes"] for i in layer_info.values()) / params,
             "dense_fp16_bytes": dense_fp16_bytes(model),
             "size_bytes": 0,
-            "save_seconds": 0.0,
             "tied": aliases,
             "dense_tensors": {k: _tensor_info(v) for k, v in dense.items()},
             "layers": layer_info,
@@ -630,7 +629,6 @@ def save_pruned(
             "metadata": meta_json,
             "versions": _versions(),
         }
-        manifest["save_seconds"] = round(time.perf_counter() - start, 3)
         data_bytes = sum(f["bytes"] for f in files.values())
         text = ""
         for _ in range(4):  # the size includes the manifest itself: iterate to the fixed point
@@ -640,6 +638,8 @@ def save_pruned(
         text = json.dumps(manifest, indent=1)
         (tmp / MANIFEST).write_text(text)  # last: a folder without it is not a checkpoint
         _swap_in(tmp, directory)
+        # returned, not written: the same model must save to the same bytes
+        manifest["save_seconds"] = round(time.perf_counter() - start, 3)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)

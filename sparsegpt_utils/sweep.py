@@ -679,7 +679,10 @@ def notebook_env(workdir: str | Path) -> dict[str, str]:
     (workdir / "pruned_models").mkdir(parents=True, exist_ok=True)
     return {"SPARSEGPT_RESULTS_DIR": str(workdir / "results"),
             "SPARSEGPT_PRUNED_DIR": str(workdir / "pruned_models"),
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": _pythonpath()}
+            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": _pythonpath(),
+            # the default runs are offline; the same setting everywhere keeps saved tokenizer
+            # configs (and so checkpoint sizes) identical between refresh and nbval runs
+            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
 
 
 def _pythonpath() -> str:
