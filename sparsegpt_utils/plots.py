@@ -156,14 +156,7 @@ def bits_vs_ppl(df: pd.DataFrame) -> plt.Figure:
         if "density" in part:
             for b, p, d in zip(part["bits"], part["ppl"], part["density"], strict=True):
                 ax.annotate(f"d={d:g}", (b, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("bits per weight (pruned layers)")
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    ax.set_title("perplexity against bits per weight")
-    fig.tight_layout()
-    return fig
+    return _finish_ppl_axes(fig, ax, "bits per weight (pruned layers)", "perplexity against bits per weight")
 
 
 def size_vs_ppl(df: pd.DataFrame) -> plt.Figure:
@@ -184,12 +177,18 @@ def size_vs_ppl(df: pd.DataFrame) -> plt.Figure:
     if "dense_size_bytes" in rows:
         for size in pd.to_numeric(rows["dense_size_bytes"], errors="coerce").dropna().unique():
             ax.axvline(size / 1e6, color="k", lw=0.8, ls=":")
-    ax.set_xlabel("checkpoint size on disk (MB; dotted: dense fp16)")
+    return _finish_ppl_axes(fig, ax, "checkpoint size on disk (MB; dotted: dense fp16)",
+                            "perplexity against size on disk")
+
+
+def _finish_ppl_axes(fig: plt.Figure, ax, xlabel: str, title: str) -> plt.Figure:
+    """The common finish of the scatter figures: log perplexity, legend, grid, title."""
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity")
     ax.set_yscale("log")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
-    ax.set_title("perplexity against size on disk")
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 
