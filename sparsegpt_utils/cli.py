@@ -111,7 +111,7 @@ def _eval(args) -> dict:
 
     density = overall_density(density_report(model))
     result = {"model": args.model or args.checkpoint, "eval": args.eval, "eval_windows": ppl.windows,
-              "seqlen": seqlen, "ppl": ppl.ppl, "density_achieved": density,
+              "seqlen": seqlen, "eval_seqlen": seqlen, "ppl": ppl.ppl, "density_achieved": density,
               "sparsity_achieved": 1 - density, "versions": versions()}
     if args.json:
         write_json_atomic(args.json, result)

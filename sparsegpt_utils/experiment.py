@@ -177,7 +177,8 @@ def run_experiment(exp: Experiment, model=None, tokenizer=None) -> tuple[dict, P
 
     if exp.eval:
         ppl = evaluate_model(model, tokenizer, exp.eval, exp.eval_windows, seqlen, run_on, exp.progress)
-        result.update(ppl=ppl.ppl, eval_windows=ppl.windows, eval_windows_total=ppl.total_windows)
+        result.update(ppl=ppl.ppl, eval_windows=ppl.windows, eval_windows_total=ppl.total_windows,
+                      eval_seqlen=seqlen)
     model.to("cpu")
 
     size = _save_or_measure(model, tokenizer, pruned, exp, result)

@@ -318,7 +318,8 @@ def run_iterative(
     for key, value in (("model", config.model), ("method", config.method), ("family", "iterative"),
                        ("calib", config.train_source), ("calib_samples", config.calib_samples),
                        ("seqlen", config.calib_seqlen), ("seed", config.seed), ("eval", config.eval_source),
-                       ("eval_windows", config.eval_windows), ("owl", config.owl), ("lr", config.finetune.lr),
+                       ("eval_windows", config.eval_windows), ("eval_seqlen", config.eval_seqlen),
+                       ("owl", config.owl), ("lr", config.finetune.lr),
                        ("kd_weight", config.finetune.kd_weight)):
         df[key] = value
     if main:

@@ -462,12 +462,17 @@ class MixedPrecisionAllocator:
                 f"groupsize={self.groupsize}, density={self.density}, scope={self.scope!r})")
 
     @torch.no_grad()
-    def curves(self, weight: torch.Tensor, hessian: torch.Tensor) -> dict:
-        """Per-row error [rows, K], cost [rows, K] (stored bits), importance [rows], energy."""
+    def curves(self, weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        """Per-row error [rows, K], cost [rows, K] (stored bits), importance [rows], energy.
+        ``mask`` (bool [rows, cols], True = kept): the pruning to plan for; by default the
+        mask SparseGPT would choose from the weights as they are (:func:`predicted_mask`)."""
         rows, cols = weight.shape
-        mask = predicted_mask(weight, hessian, self.density, self.nm, self.mask_blocksize, self.percdamp)
+        if mask is None:
+            mask = predicted_mask(weight, hessian, self.density, self.nm, self.mask_blocksize, self.percdamp)
+        elif bool(mask.all()):
+            mask = None
         # per-row kept counts predicted from the weights as they are (the solver's real mask
-        # is chosen after the widths; QuantizationStats.measure counts with it)
+        # is chosen after the widths: see refit; QuantizationStats.measure counts with it)
         kept = None if mask is None else mask.sum(1).double().cpu()
         cost = torch.stack([row_storage_bits(b, cols, self.groupsize, self.sym, kept, self.scale_bits,
                                              self.map_bits, rows) for b in self.bit_choices], 1)
@@ -513,6 +518,40 @@ class MixedPrecisionAllocator:
             raise ValueError(f"target_avg_bits={self.target_avg_bits} is below what layer {name} "
                              f"needs at the narrowest width ({low:.3f} bits per weight with metadata)"
                              ) from err
+        return self._record(name, c, choice)
+
+    def widths(self, name: str) -> torch.Tensor:
+        """The widths (int64 [rows]) last planned for layer ``name``."""
+        for a in self.stats.layers:
+            if a.name == name:
+                return a.bits.clone()
+        raise KeyError(f"layer {name!r} was never allocated")
+
+    def refit(self, name: str, weight: torch.Tensor, hessian: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor | None:
+        """Re-plan layer ``name`` for the mask a first solve really chose (bool [rows, cols]).
+
+        The widths are fixed before the solver picks its mask, so they were planned on
+        predicted per-row kept counts; the real counts differ, and with them the stored bits.
+        Planning again on the real counts (the layer's budget unchanged: target × weights, or
+        its share of a global plan) and solving once more brings the real bits to the budget.
+        ``weight`` is the layer's weight *before* that solve. Returns the new widths, or None
+        when they are unchanged."""
+        old = next((a for a in self.stats.layers if a.name == name), None)
+        if old is None:
+            raise KeyError(f"refit: layer {name!r} was never allocated")
+        rows, cols = weight.shape
+        budget = self.target_avg_bits * rows * cols if self.scope == "layer" else old.storage_bits
+        c = self.curves(weight, hessian, mask.to(weight.device))
+        try:
+            choice = self._allocate(c, budget)
+        except ValueError:
+            return None  # the real mask leaves no cheaper plan: keep the first one
+        bits = torch.tensor(self.bit_choices, dtype=torch.int64)[choice]
+        if torch.equal(bits, old.bits):
+            return None
+        if self.scope == "global":
+            self._plan[name] = bits
         return self._record(name, c, choice)
 
     # -- whole-model allocation ----------------------------------------------------------------

@@ -19,6 +19,7 @@ import pandas as pd
 __all__ = [
     "FAMILIES",
     "missing_families",
+    "eval_protocol",
     "density_rows",
     "dense_rows",
     "ppl_vs_density",
@@ -53,13 +54,33 @@ def _unstructured(df: pd.DataFrame) -> pd.Series:
     return df["nm"].isna() | (df["nm"].astype(str).isin(["", "None", "nan"]))
 
 
+def eval_protocol(df: pd.DataFrame) -> pd.Series:
+    """How each row's perplexity was measured, as one label: evaluation set, windows and
+    tokens per window (``eval_seqlen``, else ``seqlen``), e.g. ``"wikitext2, 8 × 256"``;
+    ``all`` where every window counted. Perplexities are comparable only within one label."""
+    def column(name: str) -> pd.Series:
+        return df[name] if name in df else pd.Series(np.nan, index=df.index)
+
+    def count(value) -> str:
+        number = pd.to_numeric(value, errors="coerce")
+        return "?" if pd.isna(number) else str(int(number))
+
+    seqlen = pd.to_numeric(column("eval_seqlen"), errors="coerce").fillna(
+        pd.to_numeric(column("seqlen"), errors="coerce"))
+    windows = pd.to_numeric(column("eval_windows"), errors="coerce")
+    source = column("eval").astype(object).where(column("eval").notna(), "?").astype(str)
+    return pd.Series([f"{s}, {'all' if pd.isna(w) else count(w)} × {count(n)}"
+                      for s, w, n in zip(source, windows, seqlen, strict=True)],
+                     index=df.index, dtype=object)
+
+
 def density_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Rows that belong on a ppl-against-density curve: unstructured, not quantized, with a
-    perplexity."""
+    perplexity; with an ``eval_protocol`` column (:func:`eval_protocol`)."""
     if df.empty or not {"density", "ppl"} <= set(df.columns):
-        return df.iloc[0:0]
+        return df.iloc[0:0].assign(eval_protocol=pd.Series(dtype=object))
     keep = _unquantized(df) & _unstructured(df) & df["ppl"].notna() & df["density"].notna()
-    return df[keep]
+    return df[keep].assign(eval_protocol=lambda d: eval_protocol(d))
 
 
 def dense_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -97,15 +118,19 @@ def _dense_ppl(rows: pd.DataFrame) -> float | None:
 def ppl_vs_density(df: pd.DataFrame, logy: bool = False, families: Sequence[str] = FAMILIES,
                    eval_source: str | None = None) -> plt.Figure:
     """Perplexity against density (fraction kept), one line per method family, one panel per
-    model. The dense model (density 1, any method) ends every line. ``logy`` puts perplexity
-    on a log scale. ``eval_source`` picks one evaluation set when rows have several."""
+    model and evaluation protocol (:func:`eval_protocol`: rows measured on different windows
+    are never drawn together). The dense model (density 1, any method) ends every line.
+    ``logy`` puts perplexity on a log scale. ``eval_source`` picks one evaluation set."""
     rows = density_rows(df)
     if eval_source is not None and "eval" in rows:
         rows = rows[rows["eval"] == eval_source]
-    models = _models(rows)
-    fig, axes = plt.subplots(1, len(models), figsize=(5 * len(models), 3.8), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
+    panels = [(model, protocol) for model in _models(rows)
+              for protocol in sorted(set(rows.loc[rows["model"].astype(str) == model, "eval_protocol"]
+                                         if model else rows["eval_protocol"])) or [""]]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
+    for ax, (model, protocol) in zip(axes[0], panels, strict=True):
         sub = rows[rows["model"].astype(str) == model] if model else rows
+        sub = sub[sub["eval_protocol"] == protocol] if protocol else sub
         dense_ppl = _dense_ppl(sub)
         drawn = 0
         present = [f for f in families if f in set(sub.get("family", []))]
@@ -131,7 +156,8 @@ def ppl_vs_density(df: pd.DataFrame, logy: bool = False, families: Sequence[str]
             ax.set_ylabel("perplexity" + (" (log scale)" if logy else ""))
             ax.legend(fontsize=8)
             ax.grid(alpha=0.3, which="both" if logy else "major")
-        ax.set_title(model or "perplexity against density")
+        title = " · ".join(t for t in (model, protocol) if t)
+        ax.set_title(title or "perplexity against density", fontsize=10)
     fig.tight_layout()
     return fig
 
@@ -194,12 +220,13 @@ def _finish_ppl_axes(fig: plt.Figure, ax, xlabel: str, title: str) -> plt.Figure
 
 
 def ppl_table(df: pd.DataFrame, families: Sequence[str] = FAMILIES) -> pd.DataFrame:
-    """The paper's table: perplexity by (model, eval, density) × family, unstructured and
-    unquantized rows only (median where a cell has several)."""
+    """The paper's table: perplexity by (model, evaluation protocol, density) × family,
+    unstructured and unquantized rows only (median where a cell has several). Rows measured
+    on different windows (:func:`eval_protocol`) never share a row of the table."""
     rows = density_rows(df)
     if rows.empty:
         return pd.DataFrame()
-    index = [c for c in ("model", "eval", "density") if c in rows]
+    index = [c for c in ("model", "eval_protocol", "density") if c in rows]
     table = rows.pivot_table(index=index, columns="family", values="ppl", aggfunc="median")
     order = [f for f in families if f in table.columns] + sorted(set(table.columns) - set(families))
     table = table[order]

@@ -195,10 +195,17 @@ def _solve_group(config, names, layers, hessian, density, accumulator):
             prior_mask = torch.cat([
                 prior.get(n, torch.ones_like(layer.weight, dtype=torch.bool)).to(weight.device)
                 for n, layer in zip(names, layers)])
-        res = sparsegpt_solve(
-            weight, hessian, density, config.nm, quant, config.blocksize, config.mask_blocksize,
-            config.percdamp, segments=[layer.out_features for layer in layers], prior_mask=prior_mask,
-        )
+        def solve(quant):
+            return sparsegpt_solve(
+                weight, hessian, density, config.nm, quant, config.blocksize, config.mask_blocksize,
+                config.percdamp, segments=[layer.out_features for layer in layers], prior_mask=prior_mask,
+            )
+
+        res = solve(quant)
+        refit = _refit_quant(config, names, layers, hessian, res.mask)
+        if refit is not None:
+            res = solve(refit)
+        _measure_bits(config, names, res.mask, [layer.out_features for layer in layers])
         secs = (time.perf_counter() - t0) / len(layers)
         start = 0
         for layer in layers:
@@ -221,6 +228,11 @@ def _solve_group(config, names, layers, hessian, density, accumulator):
             quant = _row_quant(config, [name], [layer], hessian)
             res = sparsegpt_solve(weight, hessian, density, config.nm, quant, config.blocksize,
                                   config.mask_blocksize, config.percdamp, prior_mask=prior_mask)
+            refit = _refit_quant(config, [name], [layer], hessian, res.mask)
+            if refit is not None:
+                res = sparsegpt_solve(weight, hessian, density, config.nm, refit, config.blocksize,
+                                      config.mask_blocksize, config.percdamp, prior_mask=prior_mask)
+            _measure_bits(config, [name], res.mask, [layer.out_features])
             new, mask, grid, loss = res.weight, res.mask, res.grid, res.loss
         else:
             if config.method == "wanda":
@@ -230,11 +242,40 @@ def _solve_group(config, names, layers, hessian, density, accumulator):
             new, grid, loss = weight * mask, None, float("nan")
             quant = _row_quant(config, [name], [layer], hessian)
             if quant is not None:
+                quant = _refit_quant(config, [name], [layer], hessian, mask) or quant
                 new, grid = rtn_quantize(new, quant)
                 new = new * mask
+                _measure_bits(config, [name], mask, [layer.out_features])
         layer.weight.copy_(new)
         out.append((mask, grid, loss, time.perf_counter() - t0))
     return out
+
+
+def _refit_quant(config, names, layers, hessian, mask) -> QuantSpec | None:
+    """Mixed precision with pruning: the widths were planned on predicted per-row kept
+    counts; re-plan them on the mask the solver chose (``row_bits.refit``) and return the new
+    spec, or None when no layer's widths change (or the hook cannot re-plan)."""
+    refit = getattr(config.row_bits, "refit", None)
+    if config.quant is None or refit is None or bool(mask.all()):
+        return None
+    new, changed, start = [], False, 0
+    for name, layer in zip(names, layers):
+        stop = start + layer.out_features
+        bits = refit(name, layer.weight, hessian, mask[start:stop])
+        changed |= bits is not None
+        new.append(bits if bits is not None else config.row_bits.widths(name))
+        start = stop
+    if not changed:
+        return None
+    return QuantSpec(torch.cat(new), config.quant.groupsize, config.quant.sym, config.quant.mse)
+
+
+def _measure_bits(config, names, mask, rows) -> None:
+    """Record the real stored bits of mixed-precision layers with their final masks."""
+    stats = getattr(config.row_bits, "stats", None)
+    if stats is None or config.quant is None:
+        return
+    stats.measure(dict(zip(names, mask.split(rows))))
 
 
 def _row_quant(config, names, layers, hessian) -> QuantSpec | None:

@@ -65,7 +65,7 @@ __all__ = [
 RESULT_PARAM = "RESULT_JSON"
 # the columns that say what a result row was asked to do: rows agreeing on all of them are one run
 CONFIG_KEYS = ("model", "method", "family", "density", "nm", "wbits", "groupsize", "calib",
-               "calib_samples", "seqlen", "seed", "eval", "eval_windows")
+               "calib_samples", "seqlen", "seed", "eval", "eval_windows", "eval_seqlen")
 
 
 # ---------------------------------------------------------------- paths and atomic writes
@@ -658,6 +658,7 @@ def evaluate_checkpoints(
             rows.append({"model": model, "method": method, "density": density, "sparsity": 1 - density,
                          "checkpoint": path.name if path is not None else "(dense model)",
                          "eval": source, "eval_windows": res.windows if res else 0, "seqlen": length,
+                         "eval_seqlen": length,
                          "ppl": res.ppl if res else float("nan"),
                          "density_achieved": achieved,
                          "layer_density_min": float(report["density"].min()),

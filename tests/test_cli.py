@@ -56,6 +56,7 @@ def test_prune_and_eval_round_trip(tiny_model_dir, tmp_path):
         assert key in result, key
     assert abs(result["density_achieved"] - 0.4) < 0.01
     assert result["eval_windows"] == 3 and result["ppl"] > 1 and result["ppl_dense"] > 1
+    assert result["eval_seqlen"] == 64  # the evaluation protocol is recorded with the result
     assert 0 < result["size_bytes"]
 
     again = tmp_path / "e.json"

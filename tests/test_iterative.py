@@ -76,6 +76,8 @@ def test_schedule_masks_only_shrink_and_survive_finetuning(tmp_path, make):
     assert steps["density"].tolist() == pytest.approx([0.6, 0.35, 0.2], abs=2e-3)
     assert (steps["sparsity"] + steps["density"]).tolist() == pytest.approx([1, 1, 1])
     assert steps["masks_kept"].all() and (steps["finetune_steps"] == 2).all()
+    # the evaluation protocol, not the calibration length, labels the perplexities
+    assert (history["eval_seqlen"] == 128).all() and (history["seqlen"] == 64).all()
     assert history[["ppl_pruned", "ppl_finetuned"]].notna().all().all()
     zeros = [_zeros(tmp_path / "run" / f"step_{i:02d}") for i in (1, 2, 3)]
     for before, after in zip(zeros, zeros[1:], strict=False):  # a weight once pruned stays pruned

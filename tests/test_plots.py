@@ -29,7 +29,7 @@ def _results():
         {"model": "m", "method": "magnitude", "density": 0.5, "ppl": 300.0, "eval": "wikitext2",
          "wbits": 3, "size_bytes": 2e6, "dense_size_bytes": 9e6},
     ]
-    return add_family(pd.DataFrame(rows))
+    return add_family(pd.DataFrame(rows).assign(eval_windows=8, eval_seqlen=256))
 
 
 def _lines(ax):
@@ -51,7 +51,7 @@ def test_ppl_vs_density_one_panel_per_model_and_a_note_when_empty():
     df = _results()
     two = pd.concat([df, df.assign(model="n", ppl=df["ppl"] * 2)], ignore_index=True)
     fig = plots.ppl_vs_density(two)
-    assert [ax.get_title() for ax in fig.axes] == ["m", "n"]
+    assert [ax.get_title() for ax in fig.axes] == ["m · wikitext2, 8 × 256", "n · wikitext2, 8 × 256"]
     assert _lines(fig.axes[1])["sparsegpt"][1][-1] == 40.0
     empty = plots.ppl_vs_density(add_family(pd.DataFrame(columns=["model", "method", "density", "ppl"])))
     assert "no pruned results" in empty.axes[0].texts[0].get_text()
@@ -62,7 +62,7 @@ def test_missing_families_and_table():
     assert plots.missing_families(df) == ["wanda", "sparsegpt+finetune", "iterative"]
     assert plots.missing_families(df.iloc[0:0]) == list(plots.FAMILIES)
     table = plots.ppl_table(df)
-    assert list(table.columns) == ["model", "eval", "density", "magnitude", "sparsegpt"]
+    assert list(table.columns) == ["model", "eval_protocol", "density", "magnitude", "sparsegpt"]
     assert list(table["density"]) == [1.0, 0.7, 0.5, 0.3]  # dense first, as in the paper
     assert table.set_index("density").loc[0.5, "sparsegpt"] == 60.0  # not the N:M or quantized row
     assert np.isnan(table.set_index("density").loc[1.0, "magnitude"])
@@ -112,6 +112,30 @@ def test_dense_perplexity_recorded_beside_pruned_runs_ends_curves_and_fills_the_
     lines = _lines(plots.ppl_vs_density(df).axes[0])
     assert lines["sparsegpt"][0][-1] == 1.0 and lines["sparsegpt"][1][-1] == 20.0
     table = plots.ppl_table(df).set_index("density")
-    assert list(table.columns[:3]) == ["model", "eval", "dense"]
+    assert list(table.columns[:3]) == ["model", "eval_protocol", "dense"]
     assert table.loc[1.0, "dense"] == 20.0 and np.isnan(table.loc[1.0, "sparsegpt"])
     assert table.loc[0.5, "sparsegpt"] == 60.0
+
+
+def test_eval_protocol_labels_windows_and_window_length():
+    df = pd.DataFrame({"eval": ["wikitext2", "wikitext2", "ptb", None],
+                       "eval_windows": [8, None, 2, 4], "eval_seqlen": [256, 2048, None, 128],
+                       "seqlen": [128, 128, 512, 128]})
+    assert list(plots.eval_protocol(df)) == ["wikitext2, 8 × 256", "wikitext2, all × 2048",
+                                            "ptb, 2 × 512", "?, 4 × 128"]  # seqlen when no eval_seqlen
+
+
+def test_rows_measured_on_different_windows_are_never_compared():
+    # the same model and family measured twice: 8 × 256 windows and 2 × 512 windows
+    a = _results()
+    b = a.assign(eval_windows=2, eval_seqlen=512, ppl=a["ppl"] / 2)
+    df = pd.concat([a, b], ignore_index=True)
+    table = plots.ppl_table(df)
+    assert set(table["eval_protocol"]) == {"wikitext2, 8 × 256", "wikitext2, 2 × 512"}
+    cell = table.set_index(["eval_protocol", "density"])["sparsegpt"]
+    assert cell[("wikitext2, 8 × 256", 0.5)] == 60.0 and cell[("wikitext2, 2 × 512", 0.5)] == 30.0
+    assert cell[("wikitext2, 2 × 512", 1.0)] == 10.0  # each protocol keeps its own dense row
+    fig = plots.ppl_vs_density(df)
+    assert [ax.get_title() for ax in fig.axes] == ["m · wikitext2, 2 × 512", "m · wikitext2, 8 × 256"]
+    assert _lines(fig.axes[0])["sparsegpt"][1] == [pytest.approx(50.0), 30.0, pytest.approx(15 / 0.7), 10.0]
+    assert _lines(fig.axes[1])["sparsegpt"][1][-1] == 20.0
