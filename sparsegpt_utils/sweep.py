@@ -483,12 +483,16 @@ def load_results(dir: str | Path | None = None) -> pd.DataFrame:
         return add_family(pd.DataFrame(columns=["model", "method", "density", "ppl"]))
     df = pd.concat(frames, ignore_index=True)
     df = add_family(df)
-    keys = [k for k in CONFIG_KEYS if k in df]
-    df = df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
     if "density" in df:
         df["density"] = pd.to_numeric(df["density"], errors="coerce")
+        if "density_target" in df:
+            # an iterative history's `density` is the achieved one (0.29999...); results are
+            # placed by the density asked for, as every other result row is
+            target = pd.to_numeric(df["density_target"], errors="coerce")
+            df["density"] = target.where(target.notna(), df["density"])
         df["sparsity"] = 1 - df["density"]
-    return df
+    keys = [k for k in CONFIG_KEYS if k in df]
+    return df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
 
 
 # ---------------------------------------------------------------- command line

@@ -10,7 +10,7 @@ import nbformat
 import pandas as pd
 import pytest
 
-from sparsegpt_utils import sweep
+from sparsegpt_utils import plots, sweep
 
 DEMO = Path(__file__).parent / "data" / "sweep_demo.ipynb"
 
@@ -171,6 +171,22 @@ def test_load_results_merges_csv_json_and_runs_once_each(tmp_path):
     assert df.loc["sparsegpt+finetune", "ppl"] == 25.0
     empty = sweep.load_results(tmp_path / "nothing")
     assert empty.empty and {"model", "method", "density", "ppl", "family"} <= set(empty.columns)
+
+
+def test_load_results_places_iterative_rows_by_the_density_asked_for(tmp_path):
+    # an iterative history records the achieved density; the table needs the target's
+    pd.DataFrame({"model": "m", "method": "sparsegpt", "family": "iterative", "eval": "wikitext2",
+                  "step": [0, 1, 2], "density_target": [1.0, 0.5, 0.3],
+                  "density": [1.0, 0.50001, 0.299997], "ppl": [20.0, 40.0, 90.0]}).to_csv(
+        tmp_path / "iter.csv", index=False)
+    pd.DataFrame([{"model": "m", "method": "sparsegpt", "eval": "wikitext2", "density": 0.3,
+                   "ppl": 120.0}]).to_csv(tmp_path / "one.csv", index=False)
+    df = sweep.load_results(tmp_path)
+    assert sorted(df.loc[df["family"] == "iterative", "density"]) == [0.3, 0.5, 1.0]
+    assert df["sparsity"].tolist() == pytest.approx((1 - df["density"]).tolist())
+    table = plots.ppl_table(df)
+    row = table[table["density"] == 0.3]
+    assert len(row) == 1 and row["iterative"].item() == 90.0 and row["sparsegpt"].item() == 120.0
 
 
 def test_find_checkpoints_matches_density_numerically_and_by_model_and_method(tmp_path):
