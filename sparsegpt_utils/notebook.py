@@ -50,6 +50,7 @@ def run_sparsity_list(runs: list[Experiment], pruned_dir: str | Path | None = No
             write_json_atomic(result_json, rows)
         reports.append(density_report(pruned_model))
     table = pd.DataFrame(rows)
-    table["size_mb"] = table["size_bytes"] / 2**20 if "size_bytes" in table else None
-    table["dense_size_mb"] = table["dense_size_bytes"] / 2**20
+    # MB = 10^6 bytes, as in notebook 4's figure and table
+    table["size_mb"] = table["size_bytes"] / 1e6 if "size_bytes" in table else None
+    table["dense_size_mb"] = table["dense_size_bytes"] / 1e6
     return table, reports
