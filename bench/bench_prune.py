@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pandas as pd
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -32,17 +33,18 @@ CONFIGS = [  # (method, density, nm)
     ("sparsegpt", 0.5, None), ("sparsegpt", None, "2:4"), ("sparsegpt", 0.3, None),
     ("sparsegpt", 0.1, None), ("wanda", 0.5, None), ("magnitude", 0.5, None),
 ]
-KEY = ["model", "method", "density", "nm", "calib", "calib_samples", "seqlen", "eval", "eval_windows"]
-COLUMNS = KEY + ["density_achieved", "sparsity_achieved", "ppl", "prune_seconds",
-                 "eval_seconds", "peak_rss_mb", "threads"]
+SETTINGS = ("model", "calib", "calib_samples", "seqlen", "eval", "eval_windows")  # shared by all rows
+
+
+def row_key(args, method: str, density: float | None, nm: str | None) -> dict:
+    """What a row was asked to measure: rows agreeing on all of it are the same measurement."""
+    return {"method": method, "density": density, "nm": nm, **{k: getattr(args, k) for k in SETTINGS}}
 
 
 def measure_row(args, method: str, density: float | None, nm: str | None) -> dict:
     """One configuration, in this process: returns its table row."""
     model, tok = load_model(args.model)
-    row = {"model": args.model, "method": method, "density": density, "nm": nm, "calib": args.calib,
-           "calib_samples": args.calib_samples, "seqlen": args.seqlen, "eval": args.eval,
-           "eval_windows": args.eval_windows, "threads": __import__("torch").get_num_threads()}
+    row = {**row_key(args, method, density, nm), "threads": torch.get_num_threads()}
     if method == "dense":
         t0 = time.perf_counter()
         ppl = evaluate_model(model, tok, args.eval, args.eval_windows, args.seqlen, "cpu", False)
@@ -94,14 +96,12 @@ def main() -> None:
 
     out = Path(args.out)
     for method, density, nm in CONFIGS:
-        key = {"model": args.model, "method": method, "density": density, "nm": nm,
-               "calib": args.calib, "calib_samples": args.calib_samples, "seqlen": args.seqlen,
-               "eval": args.eval, "eval_windows": args.eval_windows}
+        key = row_key(args, method, density, nm)
         if _done(out, key):
             print(f"{method} {density or nm}: already in {out}, skipped", flush=True)
             continue
         argv = [sys.executable, __file__, "--row", json.dumps([method, density, nm])]
-        for name in ("model", "calib", "calib_samples", "seqlen", "eval", "eval_windows"):
+        for name in SETTINGS:
             argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
         proc = subprocess.run(argv, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("ROW_JSON ")]
@@ -113,7 +113,7 @@ def main() -> None:
 
     table = pd.read_csv(out)
     mine = table
-    for k in ("model", "calib", "calib_samples", "seqlen", "eval", "eval_windows"):
+    for k in SETTINGS:
         mine = mine[mine[k].astype(str) == str(getattr(args, k))]
     print(f"\n{args.model}: calibration {args.calib_samples} × {args.seqlen} tokens of {args.calib} "
           f"(seed 0); perplexity on the first {args.eval_windows} windows of {args.seqlen} of {args.eval}")

@@ -124,9 +124,10 @@ def ppl_vs_density(df: pd.DataFrame, logy: bool = False, families: Sequence[str]
     rows = density_rows(df)
     if eval_source is not None and "eval" in rows:
         rows = rows[rows["eval"] == eval_source]
-    panels = [(model, protocol) for model in _models(rows)
-              for protocol in sorted(set(rows.loc[rows["model"].astype(str) == model, "eval_protocol"]
-                                         if model else rows["eval_protocol"])) or [""]]
+    panels = []
+    for model in _models(rows):
+        sub = rows[rows["model"].astype(str) == model] if model else rows
+        panels += [(model, p) for p in sorted(set(sub["eval_protocol"]))] or [(model, "")]
     fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
     for ax, (model, protocol) in zip(axes[0], panels, strict=True):
         sub = rows[rows["model"].astype(str) == model] if model else rows

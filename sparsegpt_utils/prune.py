@@ -189,23 +189,12 @@ def _solve_group(config, names, layers, hessian, density, accumulator):
     if config.method == "sparsegpt" and config.shared_hessians and len(layers) > 1:
         t0 = time.perf_counter()
         weight = torch.cat([layer.weight for layer in layers])
-        quant = _row_quant(config, names, layers, hessian)
         prior_mask = None
         if any(n in prior for n in names):
             prior_mask = torch.cat([
                 prior.get(n, torch.ones_like(layer.weight, dtype=torch.bool)).to(weight.device)
                 for n, layer in zip(names, layers)])
-        def solve(quant):
-            return sparsegpt_solve(
-                weight, hessian, density, config.nm, quant, config.blocksize, config.mask_blocksize,
-                config.percdamp, segments=[layer.out_features for layer in layers], prior_mask=prior_mask,
-            )
-
-        res = solve(quant)
-        refit = _refit_quant(config, names, layers, hessian, res.mask)
-        if refit is not None:
-            res = solve(refit)
-        _measure_bits(config, names, res.mask, [layer.out_features for layer in layers])
+        res = _sparsegpt(config, names, layers, weight, hessian, density, prior_mask)
         secs = (time.perf_counter() - t0) / len(layers)
         start = 0
         for layer in layers:
@@ -225,14 +214,7 @@ def _solve_group(config, names, layers, hessian, density, accumulator):
         prior_mask = prior.get(name)
         weight = layer.weight
         if config.method == "sparsegpt":
-            quant = _row_quant(config, [name], [layer], hessian)
-            res = sparsegpt_solve(weight, hessian, density, config.nm, quant, config.blocksize,
-                                  config.mask_blocksize, config.percdamp, prior_mask=prior_mask)
-            refit = _refit_quant(config, [name], [layer], hessian, res.mask)
-            if refit is not None:
-                res = sparsegpt_solve(weight, hessian, density, config.nm, refit, config.blocksize,
-                                      config.mask_blocksize, config.percdamp, prior_mask=prior_mask)
-            _measure_bits(config, [name], res.mask, [layer.out_features])
+            res = _sparsegpt(config, [name], [layer], weight, hessian, density, prior_mask)
             new, mask, grid, loss = res.weight, res.mask, res.grid, res.loss
         else:
             if config.method == "wanda":
@@ -245,10 +227,29 @@ def _solve_group(config, names, layers, hessian, density, accumulator):
                 quant = _refit_quant(config, [name], [layer], hessian, mask) or quant
                 new, grid = rtn_quantize(new, quant)
                 new = new * mask
-                _measure_bits(config, [name], mask, [layer.out_features])
+                _measure_bits(config, [name], [layer], mask)
         layer.weight.copy_(new)
         out.append((mask, grid, loss, time.perf_counter() - t0))
     return out
+
+
+def _sparsegpt(config, names, layers, weight, hessian, density, prior_mask):
+    """SparseGPT on ``weight``: one layer's, or the stacked weights of ``layers`` sharing one
+    Hessian (each keeping its own mask selection). With mixed precision and pruning the
+    widths are re-planned once on the mask the first solve chose (:func:`_refit_quant`)."""
+    segments = [layer.out_features for layer in layers] if len(layers) > 1 else None
+
+    def solve(quant):
+        return sparsegpt_solve(weight, hessian, density, config.nm, quant, config.blocksize,
+                               config.mask_blocksize, config.percdamp, segments=segments,
+                               prior_mask=prior_mask)
+
+    res = solve(_row_quant(config, names, layers, hessian))
+    refit = _refit_quant(config, names, layers, hessian, res.mask)
+    if refit is not None:
+        res = solve(refit)
+    _measure_bits(config, names, layers, res.mask)
+    return res
 
 
 def _refit_quant(config, names, layers, hessian, mask) -> QuantSpec | None:
@@ -270,12 +271,13 @@ def _refit_quant(config, names, layers, hessian, mask) -> QuantSpec | None:
     return QuantSpec(torch.cat(new), config.quant.groupsize, config.quant.sym, config.quant.mse)
 
 
-def _measure_bits(config, names, mask, rows) -> None:
-    """Record the real stored bits of mixed-precision layers with their final masks."""
+def _measure_bits(config, names, layers, mask) -> None:
+    """Record the real stored bits of mixed-precision layers with their final masks
+    (``mask``: the layers' masks stacked by rows)."""
     stats = getattr(config.row_bits, "stats", None)
     if stats is None or config.quant is None:
         return
-    stats.measure(dict(zip(names, mask.split(rows))))
+    stats.measure(dict(zip(names, mask.split([layer.out_features for layer in layers]))))
 
 
 def _row_quant(config, names, layers, hessian) -> QuantSpec | None:

@@ -271,3 +271,37 @@ def test_stats_summary_dataframe_and_plot(tmp_path, capsys):
     for ext in ("png", "svg"):
         alloc.stats.plot(tmp_path / f"bits.{ext}")
         assert (tmp_path / f"bits.{ext}").stat().st_size > 1000
+
+
+def test_prune_model_solves_again_with_the_widths_refit_returns():
+    # a row_bits hook that plans 4 bits, then re-plans 3 once it sees the real mask: the
+    # weights prune_model leaves must be the second solve's, on 3-bit grids
+    class Replan:
+        def __init__(self):
+            self.seen = {}
+
+        def __call__(self, name, weight, hessian):
+            self.seen[name] = torch.full((weight.shape[0],), 4, dtype=torch.int64)
+            return self.seen[name]
+
+        def widths(self, name):
+            return self.seen[name]
+
+        def refit(self, name, weight, hessian, mask):
+            assert mask.shape == weight.shape and not bool(mask.all())
+            if "q_proj" in name:  # one layer of the shared q/k/v group: the others keep theirs
+                self.seen[name] = torch.full((weight.shape[0],), 3, dtype=torch.int64)
+                return self.seen[name]
+            return None
+
+    model = tiny_llama()
+    calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    res = prune_model(model, calib, PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4), row_bits=Replan()),
+                      progress=False)
+    for name, layer in pruned_linears(model).items():
+        want = 3 if "q_proj" in name else 4
+        assert bool((res.grids[name].bits == want).all()), name
+        codes = res.grids[name].codes(layer.weight.detach())
+        assert int(codes.max()) <= 2**want - 1 and bool((layer.weight[~res.masks[name]] == 0).all())
+    assert int(res.grids["model.layers.0.self_attn.q_proj"].codes(
+        pruned_linears(model)["model.layers.0.self_attn.q_proj"].weight.detach()).max()) == 7
