@@ -292,7 +292,9 @@ def run_iterative(
         masks = result.masks
         t_prune = time.perf_counter() - t0
         ppl_pruned = ppl(model) if main else float("nan")
-        ft = finetune(model, train_part, ft_config, masks=masks, teacher=teacher, val_ids=val_part,
+        # each level draws fresh training windows (a seed per step, like the calibration)
+        level_config = FinetuneConfig(**{**asdict(ft_config), "seed": config.finetune.seed + step})
+        ft = finetune(model, train_part, level_config, masks=masks, teacher=teacher, val_ids=val_part,
                       accelerator=accelerator, progress=progress)
         achieved = overall_density(density_report(model))
         row = {"step": step, "density_target": density, "density": achieved, "sparsity": 1 - achieved,

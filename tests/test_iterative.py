@@ -86,6 +86,26 @@ def test_schedule_masks_only_shrink_and_survive_finetuning(tmp_path, make):
     assert list(saved["step"]) == [0, 1, 2, 3]
 
 
+def test_each_level_trains_on_fresh_windows(tmp_path, monkeypatch):
+    """The fine-tuning between two pruning steps does not replay the previous level's windows."""
+    import sparsegpt_utils.finetune as finetune_mod
+
+    drawn = []
+    draw = finetune_mod.training_windows
+
+    def spy(*a, **k):
+        windows = draw(*a, **k)
+        drawn.append(windows.clone())
+        return windows
+
+    monkeypatch.setattr(finetune_mod, "training_windows", spy)
+    _run(tmp_path / "run")
+    assert len(drawn) == 3 * 2  # 3 levels × 2 optimizer steps
+    levels = [torch.cat(drawn[i:i + 2]) for i in (0, 2, 4)]
+    for a, b in zip(levels, levels[1:]):
+        assert not torch.equal(a, b)
+
+
 def test_resume_continues_without_rewriting(tmp_path):
     full = _run(tmp_path / "full")
     part = _run(tmp_path / "part", stop_after=1)
