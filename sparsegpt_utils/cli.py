@@ -42,6 +42,9 @@ def _prune_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--csv", help="append the result as a row of this CSV table")
     p.add_argument("--device", default="auto", help="cpu, cuda, cuda:1 ... (auto: cuda if present)")
     p.add_argument("--dtype", default="auto", help="float32, float16, bfloat16 (auto: fp32 on CPU)")
+    p.add_argument("--offload-activations", action="store_true",
+                   help="keep calibration activations on the CPU between blocks (GPU memory: one "
+                        "block and one batch)")
     p.add_argument("--no-progress", action="store_true")
 
 
@@ -86,6 +89,7 @@ def _prune(args) -> dict:
         blocksize=args.blocksize, mask_blocksize=args.mask_blocksize, eval=args.eval,
         eval_windows=args.eval_windows, eval_dense=args.eval_dense, save=args.save, json=args.json,
         csv=args.csv, device=args.device, dtype=args.dtype, progress=not args.no_progress,
+        offload_activations=args.offload_activations,
     ).validate()
     result, _, _ = run_experiment(exp)
     return result

@@ -55,6 +55,7 @@ class Experiment:
     csv: str | None = None
     device: str = "auto"
     dtype: str = "auto"
+    offload_activations: bool = False  # keep calibration activations on the CPU between blocks
     progress: bool = True
     extra: dict = field(default_factory=dict)  # recorded in the result as is
 
@@ -169,7 +170,8 @@ def run_experiment(exp: Experiment, model=None, tokenizer=None) -> tuple[dict, P
         calibration_batch_size=exp.calibration_batch_size, row_bits=allocator,
     )
     start = time.perf_counter()
-    pruned = prune_model(model, calib, config, device=device, progress=exp.progress)
+    pruned = prune_model(model, calib, config, device=device, progress=exp.progress,
+                         offload_activations=exp.offload_activations)
     result["prune_seconds"] = round(time.perf_counter() - start, 3)
     report = density_report(model)
     result["density_achieved"] = overall_density(report)

@@ -89,6 +89,7 @@ class PruneResult:
     grids: dict[str, QuantGrid] = field(repr=False)  # name -> grid, when quantized
     seconds: float = 0.0
     solver_seconds: float = 0.0  # Hessians + factorizations + sweeps
+    peak_gpu_mb: float | None = None  # peak CUDA memory allocated while pruning, MiB
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -102,16 +103,25 @@ def prune_model(
     config: PruneConfig,
     device: str | torch.device | None = None,
     progress: bool = True,
+    offload_activations: bool = False,
 ) -> PruneResult:
     """Prune ``model`` in place; ``calibration`` is token ids [samples, seqlen].
 
     ``device``: where each block runs (default: where the model is). The model may stay on
-    CPU while one block at a time visits the GPU.
+    CPU while one block at a time visits the GPU. ``offload_activations``: keep the blocks'
+    inputs on the CPU between blocks, moving one calibration batch at a time to ``device``,
+    so that GPU memory holds one block, its Hessians and one batch: a model and calibration
+    set larger than the GPU prune on it. Activations keep the model's dtype (a float16 /
+    bfloat16 model runs its blocks in half precision); Hessians are always accumulated and
+    solved in float32.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
     device = torch.device(device) if device is not None else _device_of(model)
+    storage = torch.device("cpu") if offload_activations else device
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     if config.block_densities is not None and len(config.block_densities) != len(blocks):
         raise ValueError(
             f"block_densities has {len(config.block_densities)} entries for {len(blocks)} blocks")
@@ -124,7 +134,7 @@ def prune_model(
     inputs, kwargs = [], {}
     if needs_data:
         batches = list(calibration.split(config.calibration_batch_size))
-        inputs, kwargs = capture_block_inputs(model, batches, device)
+        inputs, kwargs = capture_block_inputs(model, batches, device, storage=storage)
 
     rows, masks, grids = [], {}, {}
     solver_seconds = 0.0
@@ -148,7 +158,7 @@ def prune_model(
                 handles.append(layer.register_forward_hook(
                     lambda _m, inp, _out, acc=accumulators[g]: acc.add(inp[0])))
             for x in inputs:  # pass 1: Hessians
-                run_block(block, x, kwargs[x.shape[0]])
+                run_block(block, x.to(device), kwargs[x.shape[0]])
             for h in handles:
                 h.remove()
 
@@ -173,12 +183,14 @@ def prune_model(
         solver_seconds += time.perf_counter() - t0 + sum(a.seconds for a in accumulators.values())
 
         if index + 1 < len(blocks):
-            for j, x in enumerate(inputs):  # pass 2: the next block's inputs
-                inputs[j] = run_block(block, x, kwargs[x.shape[0]])
+            for j, x in enumerate(inputs):  # pass 2: the next block's inputs, replacing these
+                inputs[j] = run_block(block, x.to(device), kwargs[x.shape[0]]).to(storage)
         block.to(home)
         del accumulators
 
-    return PruneResult(pd.DataFrame(rows), masks, grids, time.perf_counter() - start, solver_seconds)
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    return PruneResult(pd.DataFrame(rows), masks, grids, time.perf_counter() - start, solver_seconds,
+                       peak)
 
 
 def _solve_group(config, names, layers, hessian, density, accumulator):

@@ -154,3 +154,49 @@ def test_smollm2_perplexity_ordering(smollm2_copy, eval_source, calib_source):
         assert abs(overall_density(density_report(model)) - 0.5) < 0.005
         ppl[method] = perplexity(model, test, seqlen=256, max_windows=8, progress=False).ppl
     assert ppl["dense"] < ppl["sparsegpt"] < ppl["wanda"] < ppl["magnitude"], ppl
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+def test_offloaded_activations_give_the_same_prune(make):
+    """Block inputs kept on the CPU between blocks (moved in one batch at a time) change
+    nothing: same masks, same weights."""
+    calib = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
+    a, b = make(layers=2), make(layers=2)
+    config = PruneConfig(density=0.5, calibration_batch_size=2)
+    ra = prune_model(a, calib, config, progress=False)
+    rb = prune_model(b, calib, config, progress=False, offload_activations=True)
+    assert ra.masks.keys() == rb.masks.keys()
+    for name in ra.masks:
+        assert torch.equal(ra.masks[name], rb.masks[name]), name
+    for (name, pa), (_, pb) in zip(a.named_parameters(), b.named_parameters()):
+        assert torch.equal(pa, pb), name
+    assert ra.peak_gpu_mb is None  # only measured on CUDA
+
+
+def test_half_precision_model_prunes_with_float32_hessians(monkeypatch):
+    """A bfloat16 model runs its blocks (and keeps its activations) in bfloat16 while the
+    Hessians are accumulated and solved in float32: exact densities, weights stay bfloat16,
+    and the masks are nearly those of the float32 prune."""
+    from sparsegpt_utils import solver
+
+    seen = []
+    solve = solver.sparsegpt_solve
+
+    def spy(weight, hessian, *a, **k):
+        seen.append((weight.dtype, hessian.dtype))
+        return solve(weight, hessian, *a, **k)
+
+    import sparsegpt_utils.prune as prune_mod
+    monkeypatch.setattr(prune_mod, "sparsegpt_solve", spy)
+    calib = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
+    half, full = tiny_llama(layers=2).to(torch.bfloat16), tiny_llama(layers=2)
+    rh = prune_model(half, calib, PruneConfig(density=0.5), progress=False)
+    assert seen and all(w == torch.bfloat16 and h == torch.float32 for w, h in seen)
+    rf = prune_model(full, calib, PruneConfig(density=0.5), progress=False)
+    report = density_report(half)
+    assert report["density"].sub(0.5).abs().max() < 1e-3
+    for name, layer in pruned_linears(half).items():
+        assert layer.weight.dtype == torch.bfloat16
+        assert torch.isfinite(layer.weight.float()).all()
+        agree = (rh.masks[name] == rf.masks[name]).float().mean()
+        assert agree > 0.9, (name, float(agree))
