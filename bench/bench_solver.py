@@ -64,7 +64,8 @@ def prune_flops(model, samples: int, seqlen: int, blocksize: int = 128, shared: 
     forwards: each block runs the calibration tokens twice (Hessians, then its outputs; the
       last block once): 2 · (linear params) per token, plus causal attention
       (QKᵀ and AV over on average seqlen/2 keys: 2 · 2 · seqlen/2 · heads · head_dim per token).
-    hessians: ``2 n d²`` per Hessian (one per input group when shared, else one per layer).
+    hessians: ``2 n d²`` per Hessian (one per input group when shared, else one per layer, as
+      the pipeline collects them with ``shared_hessians=False``).
     factorizations: Cholesky (d³/3), its inverse (2d³/3), Cholesky again (d³/3) per Hessian.
     sweeps: per matrix [r, c] and lazy block of B columns: in-block rank-1 updates
       2·r·(B − i) for its column i, and the block's update of all later columns 2·r·B·(columns
@@ -86,9 +87,8 @@ def prune_flops(model, samples: int, seqlen: int, blocksize: int = 128, shared: 
         out["forwards"] += passes * n * per_token
         for g in groups:
             d = g[0][1].in_features
-            hessians = 1  # one Hessian per group (the pipeline collects one per input group)
-            solves = 1 if shared else len(g)
-            out["hessians"] += hessians * 2 * n * d * d
+            solves = 1 if shared else len(g)  # Hessians and factorizations alike
+            out["hessians"] += solves * 2 * n * d * d
             out["factorizations"] += solves * (4 / 3) * d**3
             for _, m in g:
                 r, c = m.weight.shape
@@ -165,7 +165,14 @@ def timed_prune(base, calib, mode: str = "shared", method: str = "sparsegpt") ->
 # ---------------------------------------------------------------- commands
 
 def bench_shared(base, calib, repeats: int) -> pd.DataFrame:
+    """Measured medians per part, and ``flop_ratio``: the same ratio in arithmetic (the count of
+    :func:`prune_flops` with and without sharing), which timing alone can beat only through
+    per-call overhead."""
     modes = list(MODES)
+    samples, seqlen = calib.shape
+    flops = {m: prune_flops(base, samples, seqlen, shared=MODES[m]) for m in modes}
+    for f in flops.values():
+        f["solver"] = f["hessians"] + f["factorizations"] + f["sweeps"]
     runs = {m: [] for m in modes}
     for r in range(repeats):  # interleaved, rotating which goes first
         for mode in modes[r % len(modes):] + modes[:r % len(modes)]:
@@ -178,6 +185,8 @@ def bench_shared(base, calib, repeats: int) -> pd.DataFrame:
         row = {"part": key, **{f"{m}_s": round(v, 2) for m, v in med.items()}}
         for m in modes[1:]:
             row[f"shared/{m}"] = round(med["shared"] / med[m], 3) if med[m] else float("nan")
+        if key in flops["shared"]:
+            row["flop_ratio"] = round(flops["shared"][key] / flops["per_layer"][key], 3)
         rows.append(row)
     return pd.DataFrame(rows)
 
