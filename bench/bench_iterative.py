@@ -40,6 +40,9 @@ from sparsegpt_utils.iterative import (
 )
 from sparsegpt_utils.models import load_model
 from sparsegpt_utils.prune import PruneConfig, prune_model
+from sparsegpt_utils.results import write_csv_atomic
+
+MODEL = "smollm2-135m"
 
 
 def main():
@@ -68,8 +71,16 @@ def main():
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     t_all = time.perf_counter()
+    densities = [float(x) for x in args.densities.split(",")]
+    if args.only_control or args.report_only:
+        table = pd.read_csv(f"{args.out}.csv")
+        if "run" not in table:  # a table written before the result-row keys
+            table = table.rename(columns={"method": "run"})
+        history = pd.read_csv(f"{args.out}_history.csv")
+        if args.report_only:
+            return report(args, table, history, None, t_all, densities)
 
-    dense, tok = load_model("smollm2-135m", dtype="float32")
+    dense, tok = load_model(MODEL, dtype="float32")
     text = training_text("wikitext2-valid")
     ev = eval_tokens(tok, "wikitext2")
     check_no_overlap(text, tok.decode(ev[0, :20000]))
@@ -79,41 +90,36 @@ def main():
     def ppl(m):
         return perplexity(m, ev, seqlen=2048, max_windows=args.eval_windows, progress=False).ppl
 
-    densities = [float(x) for x in args.densities.split(",")]
     ft = FinetuneConfig(lr=args.lr, batch_size=args.batch_size, seqlen=args.seqlen,
                         kd_weight=args.kd_weight, lm_weight=args.lm_weight, warmup_steps=2, val_windows=8)
     calib = _calibration_from(train_part, args.calib_samples, args.calib_seqlen, 0)
+
+    def one_shot(d):
+        """A copy of the dense model pruned by SparseGPT to density ``d``, and its masks."""
+        m = copy.deepcopy(dense)
+        return m, prune_model(m, calib, PruneConfig(method="sparsegpt", density=d), progress=False).masks
 
     def control_rows():
         out = []
         steps = len(densities) * args.train_steps
         for d in [float(x) for x in args.control_densities.split(",") if x.strip()]:
             t0 = time.perf_counter()
-            m = copy.deepcopy(dense)
-            result = prune_model(m, calib, PruneConfig(method="sparsegpt", density=d), progress=False)
+            m, masks = one_shot(d)
             pruned_ppl = ppl(m)
             ft_result = finetune(m, train_part, dataclasses.replace(ft, steps=steps),
-                                 masks=result.masks, teacher=dense, progress=False)
+                                 masks=masks, teacher=dense, progress=False)
             if not ft_result.masks_kept:
                 raise RuntimeError("control: a pruned weight became nonzero during fine-tuning")
-            achieved = overall_density(density_report(m))
-            out.append({"run": "one-shot sparsegpt + KD", "density": achieved, "ppl": ppl(m),
-                        "seconds": time.perf_counter() - t0, "ppl_pruned": pruned_ppl,
+            out.append({"run": "one-shot sparsegpt + KD", "density": overall_density(density_report(m)),
+                        "ppl": ppl(m), "seconds": time.perf_counter() - t0, "ppl_pruned": pruned_ppl,
                         "finetune_steps": steps, "train_tokens": ft_result.tokens})
             print(out[-1], flush=True)
-            del m
         return out
 
-    if args.only_control or args.report_only:
-        table = pd.read_csv(f"{args.out}.csv")
-        if "run" not in table:  # a table written before the result-row keys
-            table = table.rename(columns={"method": "run"})
-        history = pd.read_csv(f"{args.out}_history.csv")
-        if args.only_control:
-            table = table[table["run"] != "one-shot sparsegpt + KD"]
-            table = pd.concat([table, pd.DataFrame(control_rows())], ignore_index=True)
-        report(args, table, history, iter_secs=None, t_all=t_all, densities=densities)
-        return
+    if args.only_control:
+        table = table[table["run"] != "one-shot sparsegpt + KD"]
+        table = pd.concat([table, pd.DataFrame(control_rows())], ignore_index=True)
+        return report(args, table, history, None, t_all, densities)
 
     rows = []
     t0 = time.perf_counter()
@@ -121,13 +127,11 @@ def main():
     rows.append({"run": "dense", "density": 1.0, "ppl": dense_ppl, "seconds": time.perf_counter() - t0})
     for d in [float(x) for x in args.one_shot.split(",")]:
         t0 = time.perf_counter()
-        m = copy.deepcopy(dense)
-        prune_model(m, calib, PruneConfig(method="sparsegpt", density=d), progress=False)
+        m, _ = one_shot(d)
         secs = time.perf_counter() - t0
-        achieved = overall_density(density_report(m))
-        rows.append({"run": "one-shot sparsegpt", "density": achieved, "ppl": ppl(m), "seconds": secs})
+        rows.append({"run": "one-shot sparsegpt", "density": overall_density(density_report(m)),
+                     "ppl": ppl(m), "seconds": secs})
         print(rows[-1], flush=True)
-        del m
 
     config = IterativeConfig(
         densities=densities, calib_samples=args.calib_samples,
@@ -163,7 +167,7 @@ def with_result_keys(table: pd.DataFrame, args) -> pd.DataFrame:
     table["density_achieved"] = achieved
     table["density"] = achieved.round(3)
     table["sparsity"] = 1 - table["density_achieved"]
-    for key, value in (("model", "smollm2-135m"), ("calib", "wikitext2-valid"),
+    for key, value in (("model", MODEL), ("calib", "wikitext2-valid"),
                        ("calib_samples", args.calib_samples), ("seqlen", args.calib_seqlen), ("seed", 0),
                        ("eval", "wikitext2"), ("eval_windows", args.eval_windows), ("eval_seqlen", 2048)):
         table[key] = value
@@ -174,15 +178,12 @@ def with_result_keys(table: pd.DataFrame, args) -> pd.DataFrame:
 def report(args, table, history, iter_secs, t_all, densities):
     """Write the table, the history and the plot; print the budget, the tables and the ratios."""
     table = with_result_keys(table, args)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    for frame, path in ((table, f"{args.out}.csv"), (history, f"{args.out}_history.csv")):
-        tmp = f"{path}.tmp"
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
+    write_csv_atomic(f"{args.out}.csv", table)
+    write_csv_atomic(f"{args.out}_history.csv", history)
     one_shot = table[table["run"] == "one-shot sparsegpt"]
     control = table[table["run"] == "one-shot sparsegpt + KD"]
     fig = plot_history(history, None, one_shot=one_shot,
-                       title=f"smollm2-135m, WikiText-2 test ({args.eval_windows}×2048)")
+                       title=f"{MODEL}, WikiText-2 test ({args.eval_windows}×2048)")
     if len(control):
         fig.axes[0].plot(control["sparsity"], control["ppl"], "D", color="C4",
                          label=f"one-shot + KD ({int(control['finetune_steps'].iloc[0])} steps)")
