@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from sparsegpt_utils.sweep import notebook_env
+from sparsegpt_utils.paths import notebook_env
 
 # set before the first kernel starts: kernels inherit this environment. NBVAL_WORKDIR reuses
 # the folders of an earlier run (e.g. to re-check notebooks 3 and 4 alone after notebook 1).

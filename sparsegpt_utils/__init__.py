@@ -3,9 +3,9 @@
 density = fraction of weights kept; sparsity = 1 - density.
 """
 
-__version__ = "0.1.0"
+import warnings
 
-import warnings  # noqa: E402
+from ._version import __version__, versions  # noqa: E402
 
 # tqdm.auto's notice that ipywidgets is absent depends on the machine, not on the run
 warnings.filterwarnings("ignore", message="IProgress not found")
@@ -31,5 +31,6 @@ __all__ = [
     "perplexity", "get_adapter", "load_model", "pruned_linears", "PruneConfig", "PruneResult",
     "prune_model", "QuantGrid", "QuantSpec", "HessianAccumulator", "magnitude_mask",
     "sparsegpt_solve", "wanda_mask", "save_pruned", "load_pruned", "load_masked_model_single",
-    "export_dense", "checkpoint_bytes", "dense_fp16_bytes", "CheckpointError",
+    "export_dense", "checkpoint_bytes", "dense_fp16_bytes", "CheckpointError", "__version__",
+    "versions",
 ]

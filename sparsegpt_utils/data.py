@@ -8,11 +8,12 @@ docstrings of the standard library): a stand-in for tests and demos where no dat
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
 import torch
+
+from .paths import data_dir
 
 __all__ = [
     "TEXT_SOURCES",
@@ -44,12 +45,8 @@ class DataNotFoundError(FileNotFoundError):
 
 
 def default_data_dir() -> Path | None:
-    """``SPARSEGPT_DATA_DIR``, else ``../shared/data`` beside the project when it exists."""
-    env = os.environ.get("SPARSEGPT_DATA_DIR")
-    if env is not None:  # set but empty: no local data, the hub only
-        return Path(env) if env else None
-    guess = Path(__file__).resolve().parents[2] / "shared" / "data"
-    return guess if guess.is_dir() else None
+    """The offline data folder (:func:`sparsegpt_utils.paths.data_dir`)."""
+    return data_dir()
 
 
 def stdlib_text(max_chars: int = 1_500_000) -> str:

@@ -4,7 +4,6 @@ the command line and notebook 1 run it. Every argument is checked before any lon
 from __future__ import annotations
 
 import copy
-import platform
 import resource
 import tempfile
 import time
@@ -13,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from . import __version__
+from ._version import versions
 from .data import TEXT_SOURCES, calibration_windows, eval_tokens
 from .evaluate import density_report, overall_density, perplexity
 from .models import BUILTIN_MODELS, load_model, model_seqlen
@@ -95,13 +94,6 @@ class Experiment:
                     blocksize=self.blocksize, mask_blocksize=self.mask_blocksize,
                     percdamp=self.percdamp, calibration_batch_size=self.calibration_batch_size)
         return self
-
-
-def versions() -> dict:
-    import transformers
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "sparsegpt_utils": __version__, "python": platform.python_version()}
 
 
 def peak_rss_mb() -> float:

@@ -19,6 +19,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .paths import cache_dir
+
 __all__ = [
     "BUILTIN_MODELS",
     "ModelAdapter",
@@ -136,10 +138,6 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: str | torch.device) -
     if dtype not in table:
         raise ValueError(f"dtype must be one of {sorted(table)} or 'auto', got {dtype!r}")
     return table[dtype]
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("SPARSEGPT_CACHE", Path.home() / ".cache" / "sparsegpt_utils"))
 
 
 def _builtin_folder(name: str) -> Path:

@@ -52,6 +52,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from ._version import versions
 from .models import get_adapter, pruned_linears
 from .quant import QuantGrid, quant_storage_bits, width_map_bits
 
@@ -142,15 +143,6 @@ def _sha256(path: Path) -> str:
 
 def _tensor_info(t: torch.Tensor) -> dict:
     return {"dtype": _dtype_name(t.dtype), "shape": list(t.shape), "bytes": t.numel() * t.element_size()}
-
-
-def _versions() -> dict:
-    import transformers
-
-    from . import __version__
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__,
-            "sparsegpt_utils": __version__}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -627,7 +619,7 @@ def save_pruned(
             "layers": layer_info,
             "files": files,
             "metadata": meta_json,
-            "versions": _versions(),
+            "versions": versions(),
         }
         data_bytes = sum(f["bytes"] for f in files.values())
         text = ""

@@ -40,6 +40,7 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
+from .paths import notebook_env, project_pythonpath, pruned_dir, results_dir
 from .results import checkpoint_name, model_slug, write_atomic, write_csv_atomic, write_json_atomic
 
 __all__ = [
@@ -66,23 +67,6 @@ RESULT_PARAM = "RESULT_JSON"
 # the columns that say what a result row was asked to do: rows agreeing on all of them are one run
 CONFIG_KEYS = ("model", "method", "family", "density", "nm", "wbits", "groupsize", "calib",
                "calib_samples", "seqlen", "seed", "eval", "eval_windows", "eval_seqlen")
-
-
-# ---------------------------------------------------------------- paths and atomic writes
-
-def _project_root() -> Path:
-    return Path(__file__).resolve().parents[1]
-
-
-def results_dir(path: str | Path | None = None) -> Path:
-    """Where results go: ``path``, else ``$SPARSEGPT_RESULTS_DIR``, else ``<project>/results``."""
-    return Path(path or os.environ.get("SPARSEGPT_RESULTS_DIR") or _project_root() / "results")
-
-
-def pruned_dir(path: str | Path | None = None) -> Path:
-    """Where pruned checkpoints go: ``path``, else ``$SPARSEGPT_PRUNED_DIR``, else
-    ``<project>/pruned_models``."""
-    return Path(path or os.environ.get("SPARSEGPT_PRUNED_DIR") or _project_root() / "pruned_models")
 
 
 # ---------------------------------------------------------------- grids
@@ -381,7 +365,7 @@ def run_sweep(
         try:
             run_env = {**os.environ, **(env or {})}
             run_env.setdefault("TOKENIZERS_PARALLELISM", "false")
-            run_env["PYTHONPATH"] = _pythonpath()
+            run_env["PYTHONPATH"] = project_pythonpath()
             if gpus:
                 run.gpu = gpus[slot % len(gpus)]
                 run_env["CUDA_VISIBLE_DEVICES"] = run.gpu
@@ -674,28 +658,6 @@ def evaluate_checkpoints(
 
 
 # ---------------------------------------------------------------- notebook regression outputs
-
-def notebook_env(workdir: str | Path) -> dict[str, str]:
-    """The environment of a notebook regression run: fresh result and checkpoint folders under
-    ``workdir`` (so runs start from nothing and never touch the real ones), no tokenizer
-    threads. ``notebooks/conftest.py`` (nbval) and :func:`refresh_notebooks` both use it."""
-    workdir = Path(workdir)
-    (workdir / "results").mkdir(parents=True, exist_ok=True)
-    (workdir / "pruned_models").mkdir(parents=True, exist_ok=True)
-    return {"SPARSEGPT_RESULTS_DIR": str(workdir / "results"),
-            "SPARSEGPT_PRUNED_DIR": str(workdir / "pruned_models"),
-            "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": _pythonpath(),
-            # the default runs are offline; the same setting everywhere keeps saved tokenizer
-            # configs (and so checkpoint sizes) identical between refresh and nbval runs
-            "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-
-
-def _pythonpath() -> str:
-    """PYTHONPATH with the project first, so that kernels import this package even where it
-    is not installed."""
-    parts = [str(_project_root()), *filter(None, os.environ.get("PYTHONPATH", "").split(os.pathsep))]
-    return os.pathsep.join(dict.fromkeys(parts))
-
 
 def refresh_notebooks(notebooks: Sequence[str | Path], workdir: str | Path | None = None,
                       kernel: str = "python3", timeout: int = 1800) -> Path:

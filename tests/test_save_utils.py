@@ -456,7 +456,7 @@ def test_metadata_and_versions_are_kept(tmp_path):
     save_pruned(model, tmp_path / "ck", metadata={"method": "magnitude", "nm": "2:4"}, progress=False)
     manifest = read_manifest(tmp_path / "ck")
     assert manifest["metadata"] == {"method": "magnitude", "nm": "2:4"}
-    assert set(manifest["versions"]) == {"torch", "transformers", "sparsegpt_utils"}
+    assert set(manifest["versions"]) == {"torch", "transformers", "sparsegpt_utils", "python"}
     assert set(manifest["files"]) >= {"config.json", "dense.safetensors", "pruned.safetensors"}
 
 
