@@ -60,11 +60,13 @@ __all__ = [
     "LayerAllocation",
     "QuantizationStats",
     "MixedPrecisionAllocator",
+    "MixedPrecisionConfig",
 ]
 
 FACTORS = ("activation", "hessian", "weight", "output", "stability")
 DEFAULT_WEIGHTS = {"activation": 0.25, "hessian": 0.25, "weight": 0.15, "output": 0.25, "stability": 0.10}
 METHODS = ("budget", "quantile")
+UNITS = ("row", "group")
 IMPORTANCES = ("error", "five_factor")
 
 
@@ -403,6 +405,29 @@ class QuantizationStats:
         if path is not None:
             fig.savefig(path)
         return fig
+
+
+@dataclass
+class MixedPrecisionConfig:
+    """Activation-aware mixed precision under a bit budget.
+
+    target_avg_bits: bits per weight, every stored bit included (DESIGN §1), in [2, 8].
+    method: ``"budget"`` (minimise predicted error) or ``"quantile"`` (rank bins).
+    unit: ``"row"`` (one width per output row) or ``"group"`` (one width per group of input columns).
+    """
+
+    target_avg_bits: float
+    method: str = "budget"
+    unit: str = "row"
+
+    def __post_init__(self):
+        if not isinstance(self.target_avg_bits, (int, float)) or not 2 <= self.target_avg_bits <= 8:
+            raise ValueError(
+                f"target_avg_bits must be in [2, 8] bits per weight, got {self.target_avg_bits!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"bit allocation method must be one of {METHODS}, got {self.method!r}")
+        if self.unit not in UNITS:
+            raise ValueError(f"mixed-precision unit must be one of {UNITS}, got {self.unit!r}")
 
 
 class MixedPrecisionAllocator:

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .mixed_precision import MixedPrecisionConfig
 from .models import capture_block_inputs, get_adapter, run_block
 from .quant import QuantGrid, QuantSpec, rtn_quantize
 from .solver import (
@@ -30,7 +31,7 @@ from .solver import (
 
 __all__ = ["METHODS", "PruneConfig", "PruneResult", "prune_model"]
 
-METHODS = ("sparsegpt", "wanda", "magnitude")
+METHODS = ("sparsegpt", "wanda", "magnitude", "admm")
 
 # (layer name, weight [rows, cols], hessian [cols, cols]) -> per-row bit widths, int [rows]
 RowBits = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -45,6 +46,12 @@ class PruneConfig:
     quant: joint quantization (GPTQ-style for sparsegpt, round-to-nearest for the baselines).
     row_bits: optional mixed-precision hook giving each row its bit width.
     prior_masks: masks from an earlier step (layer name -> bool, True = may be kept).
+    owl: per-block densities from outlier ratios (OWL), same global density; owl_lambda is the
+    spread, owl_m the outlier threshold (× the mean Wanda score).
+    exact_update: after the mask is chosen, the exact (ADMM) weight update for that mask.
+    reconstruct: after a block's layers are pruned, ``reconstruct_steps`` optimizer steps
+    (learning rate ``reconstruct_lr``) fit the pruned block to the dense block's outputs, masks kept.
+    mixed: mixed-precision quantization under a bit budget (needs ``quant``).
     """
 
     method: str = "sparsegpt"
@@ -59,6 +66,14 @@ class PruneConfig:
     block_densities: Sequence[float] | None = None
     row_bits: RowBits | None = None
     prior_masks: dict[str, torch.Tensor] | None = None
+    owl: bool = False
+    owl_lambda: float = 0.08
+    owl_m: float = 5.0
+    exact_update: bool = False
+    reconstruct: bool = False
+    reconstruct_steps: int = 20
+    reconstruct_lr: float = 1e-4
+    mixed: MixedPrecisionConfig | None = None
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -74,6 +89,13 @@ class PruneConfig:
             raise ValueError(f"calibration_batch_size must be >= 1, got {self.calibration_batch_size}")
         if self.blocksize < 1 or self.mask_blocksize < 1:
             raise ValueError(f"B and Bs must be >= 1, got B={self.blocksize}, Bs={self.mask_blocksize}")
+        if self.owl and self.nm is not None:
+            raise ValueError("owl (layer-wise densities) does not apply to N:M patterns: drop --owl or --nm")
+        if self.owl and not (self.owl_lambda >= 0 and self.owl_m > 0):
+            raise ValueError(f"owl_lambda must be >= 0 and owl_m > 0, got {self.owl_lambda}, {self.owl_m}")
+        if self.reconstruct and (self.reconstruct_steps < 1 or not self.reconstruct_lr > 0):
+            raise ValueError(f"reconstruct_steps must be >= 1 and reconstruct_lr > 0, "
+                             f"got {self.reconstruct_steps}, {self.reconstruct_lr}")
         if self.blocksize % self.mask_blocksize and self.mask_blocksize % self.blocksize:
             raise ValueError(f"one of B={self.blocksize} and Bs={self.mask_blocksize} must divide the other")
 
@@ -125,6 +147,12 @@ def prune_model(
     if config.block_densities is not None and len(config.block_densities) != len(blocks):
         raise ValueError(
             f"block_densities has {len(config.block_densities)} entries for {len(blocks)} blocks")
+    unbuilt = [name for name, on in (("method admm", config.method == "admm"), ("owl", config.owl),
+                                     ("exact_update", config.exact_update),
+                                     ("reconstruct", config.reconstruct), ("mixed", config.mixed))
+               if on]
+    if unbuilt:
+        raise NotImplementedError(f"not available yet: {', '.join(unbuilt)}")
     needs_data = config.method != "magnitude"
     # Wanda needs only ‖x_j‖ (diag H) — unless mixed precision wants full Hessians
     wanda_only = config.method == "wanda" and config.row_bits is None
