@@ -9,6 +9,10 @@ a default beside the project (or in the user's cache).
 | pruned checkpoints | ``SPARSEGPT_PRUNED_DIR`` | ``<project>/pruned_models`` |
 | offline text data | ``SPARSEGPT_DATA_DIR`` (set but empty: none) | ``<project>/../shared/data`` if present |
 | converted built-in models | ``SPARSEGPT_CACHE`` | ``~/.cache/sparsegpt_utils`` |
+
+A notebook run by a sweep also sees ``SPARSEGPT_RUN_ID`` and ``SPARSEGPT_RUN_ATTEMPT``
+(:func:`sweep_run`): the result rows it appends carry them, so that a resumed run replaces the
+rows of an interrupted one instead of adding to them.
 """
 
 from __future__ import annotations
@@ -17,7 +21,10 @@ import os
 from pathlib import Path
 
 __all__ = ["project_root", "results_dir", "pruned_dir", "data_dir", "cache_dir", "notebook_env",
-           "project_pythonpath"]
+           "project_pythonpath", "RUN_ID_ENV", "RUN_ATTEMPT_ENV", "sweep_run", "sweep_run_env"]
+
+RUN_ID_ENV = "SPARSEGPT_RUN_ID"
+RUN_ATTEMPT_ENV = "SPARSEGPT_RUN_ATTEMPT"
 
 
 def project_root() -> Path:
@@ -73,3 +80,16 @@ def notebook_env(workdir: str | Path) -> dict[str, str]:
             "SPARSEGPT_PRUNED_DIR": str(workdir / "pruned_models"),
             "TOKENIZERS_PARALLELISM": "false", "PYTHONPATH": project_pythonpath(),
             "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+
+
+def sweep_run_env(run_id: str, attempt: str) -> dict[str, str]:
+    """The variables a sweep gives the notebook of run ``run_id`` (its ``attempt``: a token
+    that differs each time the run is started)."""
+    return {RUN_ID_ENV: run_id, RUN_ATTEMPT_ENV: attempt}
+
+
+def sweep_run() -> tuple[str, str | None] | None:
+    """``(run_id, attempt)`` of the sweep run this process belongs to (attempt None when not
+    given), or None outside a sweep."""
+    run_id = os.environ.get(RUN_ID_ENV)
+    return (run_id, os.environ.get(RUN_ATTEMPT_ENV) or None) if run_id else None
