@@ -191,6 +191,11 @@ def load_model(
         source = _builtin_folder(name)
     elif Path(name).expanduser().is_dir():
         source = Path(name).expanduser()
+        # what from_pretrained would report in a misleading way (a tokenizer error), said plainly
+        if not (source / "config.json").is_file():
+            raise ModelNotFoundError(f"model folder {name!r} has no config.json: not a saved model")
+        if not any(next(source.glob(p), None) for p in ("*.safetensors", "*.bin", "*.pt", "*.pth")):
+            raise ModelNotFoundError(f"model folder {name!r} has no weight files (*.safetensors, *.bin)")
     else:
         tried.append(f"local directory {name!r}: not found")
         tried.append(f"built-in models {sorted(BUILTIN_MODELS)}: no match")
