@@ -303,3 +303,27 @@ def save_figure(fig: plt.Figure, stem: str | Path, formats: Sequence[str] = ("pn
                 os.unlink(tmp)
         paths.append(path)
     return paths
+
+
+def plot_history(history: pd.DataFrame, path: str | Path | None = None, one_shot: pd.DataFrame | None = None,
+                 title: str | None = None) -> plt.Figure:
+    """An iterative run (:func:`sparsegpt_utils.iterative.run_iterative`'s history): perplexity
+    against sparsity after pruning and after fine-tuning at each step, and optional one-shot
+    points (columns ``sparsity``, ``ppl``). Saves PNG and SVG (:func:`save_figure`) when
+    ``path`` (without suffix, or ending .png) is given; returns the figure."""
+    fig, ax = plt.subplots(figsize=(6, 4))
+    h = history.sort_values("step")
+    ax.plot(h["sparsity"], h["ppl_pruned"], "o--", label="iterative: after pruning")
+    ax.plot(h["sparsity"], h["ppl_finetuned"], "o-", label="iterative: after fine-tuning")
+    if one_shot is not None and len(one_shot):
+        ax.plot(one_shot["sparsity"], one_shot["ppl"], "s", color="C3", label="one-shot SparseGPT")
+    ax.set_yscale("log")
+    ax.set_xlabel("sparsity (fraction of weights zeroed)")
+    ax.set_ylabel("perplexity")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    ax.set_title(title or "iterative pruning + masked fine-tuning")
+    fig.tight_layout()
+    if path is not None:
+        save_figure(fig, Path(path).with_suffix(""), ("png", "svg"))
+    return fig
