@@ -22,7 +22,7 @@ import torch
 
 from sparsegpt_utils.data import calibration_windows, eval_tokens
 from sparsegpt_utils.evaluate import perplexity
-from sparsegpt_utils.mixed_precision import MixedPrecisionAllocator
+from sparsegpt_utils.mixed_precision import FixedWidths, MixedPrecisionAllocator
 from sparsegpt_utils.models import load_model, pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
 from sparsegpt_utils.quant import QuantSpec, grid_storage_bits, rtn_quantize
@@ -153,12 +153,13 @@ def main(argv=None):
                 alloc = MixedPrecisionAllocator(x, method, importance=imp, groupsize=G, density=d,
                                                 scope="layer" if kind == "mixed" else "global")
             if kind == "global":  # first pass: round-to-nearest, only to collect error curves
-                prune_model(model, calib, PruneConfig("wanda", 1.0, quant=QuantSpec(4, G),
-                                                      row_bits=alloc.collect), progress=False)
+                collect = FixedWidths(alloc.collect)
+                first = PruneConfig("wanda", 1.0, quant=QuantSpec(4, G), bit_allocator=collect)
+                prune_model(model, calib, first, progress=False)
                 alloc.fit_global()
                 model.load_state_dict(dense)
             spec = QuantSpec(x if kind == "gptq" else 4, G)
-            res = prune_model(model, calib, PruneConfig("sparsegpt", d, quant=spec, row_bits=alloc),
+            res = prune_model(model, calib, PruneConfig("sparsegpt", d, quant=spec, bit_allocator=alloc),
                               progress=False)
             row["avg_bits"], row["avg_width"] = storage_bits(model, res.masks, res.grids, G)
             if alloc is not None:

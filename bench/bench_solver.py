@@ -3,7 +3,8 @@
 Two measurements, each within one process:
 
 1. ``shared``: the solver part of pruning (Hessians, factorizations, column sweeps: everything
-   but the calibration forwards, ``PruneResult.solver_seconds``) with shared Hessians
+   but the calibration forwards; ``PruneResult.solver_seconds`` + the Hessian time measured
+   here) with shared Hessians
    (q/k/v and gate/up: one Hessian, one factorization, one stacked sweep) against one matrix
    at a time (``per_layer``: a Hessian, a factorization and a sweep per layer, as the
    SparseGPT reference code does: ``shared_hessians=False``), the runs interleaved over
@@ -22,7 +23,8 @@ The matmul part of the count (the linear layers of the forwards, the lazy sweep 
 equals what ``torch.utils.flop_counter.FlopCounterMode`` counts for a 2-block prune.
 
 Phase times come from wrapping ``HessianAccumulator.add`` and ``inverse_hessian_factor`` with
-timers in this script; the sweeps are the rest of ``solver_seconds``.
+timers in this script (which synchronize CUDA around each call: the package's own code never
+waits for the device to time itself); the sweeps are the rest of ``solver_seconds``.
 """
 
 from __future__ import annotations
@@ -124,9 +126,15 @@ def phase_timers():
     times = {"hessians": 0.0, "factorizations": 0.0}
     acc_add, factor = solver_mod.HessianAccumulator.add, solver_mod.inverse_hessian_factor
 
+    def sync():
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
     def timed_add(self, *a, **k):
+        sync()  # the forward that produced the input is not the Hessian's time
         t0 = time.perf_counter()
         acc_add(self, *a, **k)
+        sync()
         times["hessians"] += time.perf_counter() - t0
 
     def timed_factor(*a, **k):
@@ -157,8 +165,10 @@ def timed_prune(base, calib, mode: str = "shared", method: str = "sparsegpt") ->
     with phase_timers() as times:
         res = prune_model(model, calib, PruneConfig(method=method, density=0.5, shared_hessians=shared),
                           progress=False)
-    sweeps = res.solver_seconds - times["hessians"] - times["factorizations"]
-    return {"total": res.seconds, "solver": res.solver_seconds, "forwards": res.seconds - res.solver_seconds,
+    # solver_seconds: factorizations + sweeps; the Hessians are accumulated during the forwards
+    solver = res.solver_seconds + times["hessians"]
+    sweeps = res.solver_seconds - times["factorizations"]
+    return {"total": res.seconds, "solver": solver, "forwards": res.seconds - solver,
             "hessians": times["hessians"], "factorizations": times["factorizations"], "sweeps": sweeps}
 
 

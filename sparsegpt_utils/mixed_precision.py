@@ -38,14 +38,15 @@ real pass looks the widths up by layer name.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
 
 import pandas as pd
 import torch
 
-from .quant import row_storage_bits, width_map_bits
-from .solver import check_density, inverse_hessian_factor, parse_nm
+from .quant import QuantSpec, row_storage_bits, width_map_bits
+from .solver import check_density, inverse_hessian_factor, nm_mask, parse_nm, prune_lowest
 
 __all__ = [
     "FACTORS",
@@ -61,6 +62,9 @@ __all__ = [
     "QuantizationStats",
     "MixedPrecisionAllocator",
     "MixedPrecisionConfig",
+    "BitAllocator",
+    "FixedWidths",
+    "build_allocator",
 ]
 
 FACTORS = ("activation", "hessian", "weight", "output", "stability")
@@ -141,21 +145,12 @@ def predicted_mask(weight: torch.Tensor, hessian: torch.Tensor, density: float =
     W, H = _prepare(weight, hessian)
     U, _ = inverse_hessian_factor(H.float(), percdamp)
     score = W**2 / torch.diagonal(U).double()[None, :] ** 2
-    rows, cols = W.shape
-    kept = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     if nm is not None:
-        n, m = parse_nm(nm)
-        groups = score.reshape(rows, cols // m, m)
-        idx = torch.topk(groups, m - n, dim=2, largest=False).indices
-        return kept.reshape(rows, cols // m, m).scatter_(2, idx, False).reshape(rows, cols)
-    for c in range(0, cols, mask_blocksize):
+        return nm_mask(score, *parse_nm(nm))
+    kept = torch.ones_like(score, dtype=torch.bool)
+    for c in range(0, score.shape[1], mask_blocksize):
         blk = score[:, c:c + mask_blocksize]
-        prune = round(blk.numel() * (1 - density))
-        if prune:
-            idx = torch.topk(blk.flatten(), prune, largest=False).indices
-            sub = torch.ones_like(blk, dtype=torch.bool)
-            sub.view(-1)[idx] = False
-            kept[:, c:c + mask_blocksize] = sub
+        kept[:, c:c + mask_blocksize] = prune_lowest(blk, round(blk.numel() * (1 - density)))
     return kept
 
 
@@ -430,8 +425,56 @@ class MixedPrecisionConfig:
             raise ValueError(f"mixed-precision unit must be one of {UNITS}, got {self.unit!r}")
 
 
+@runtime_checkable
+class BitAllocator(Protocol):
+    """What the pruning pipeline asks of a mixed-precision hook (``PruneConfig.bit_allocator``).
+
+    ``__call__(name, weight, hessian)``: the bit width of each row of ``weight`` [rows, cols]
+    given its ``hessian`` [cols, cols], int64 [rows], before the layer is solved.
+    ``refit(name, weight, hessian, mask)``: after a first solve chose the pruning ``mask``
+    (bool [rows, cols], True = kept), new widths planned for it, or None to keep them.
+    ``widths(name)``: the widths last given for layer ``name``.
+    ``stats``: a :class:`QuantizationStats` to record the real bits in (its ``measure`` is
+    called with the final masks), or None.
+    """
+
+    stats: QuantizationStats | None
+
+    def __call__(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor: ...
+
+    def refit(self, name: str, weight: torch.Tensor, hessian: torch.Tensor,
+              mask: torch.Tensor) -> torch.Tensor | None: ...
+
+    def widths(self, name: str) -> torch.Tensor: ...
+
+
+class FixedWidths:
+    """A :class:`BitAllocator` from a function ``(name, weight, hessian) -> widths [rows]``:
+    no re-planning, no statistics (e.g. hand-set widths, or :meth:`MixedPrecisionAllocator.collect`
+    for the first pass of a global allocation)."""
+
+    stats = None
+
+    def __init__(self, widths_of: Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]):
+        self._widths_of = widths_of
+        self._given: dict[str, torch.Tensor] = {}
+
+    def __call__(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
+        self._given[name] = torch.as_tensor(self._widths_of(name, weight, hessian)).to(torch.int64).cpu()
+        return self._given[name].clone()
+
+    def refit(self, name, weight, hessian, mask) -> None:
+        return None
+
+    def widths(self, name: str) -> torch.Tensor:
+        if name not in self._given:
+            raise KeyError(f"layer {name!r} was never given widths")
+        return self._given[name].clone()
+
+
 class MixedPrecisionAllocator:
-    """Per-row bit widths under a bit budget; usable as ``PruneConfig.row_bits``.
+    """Per-row bit widths under a bit budget; a :class:`BitAllocator` (``PruneConfig.bit_allocator``;
+    the pipeline builds one from ``PruneConfig.mixed`` with :func:`build_allocator`).
 
     target_avg_bits: bits per weight, every stored bit included (DESIGN §1).
     method: ``"budget"`` (minimise predicted error) or ``"quantile"`` (rank bins).
@@ -582,7 +625,8 @@ class MixedPrecisionAllocator:
     # -- whole-model allocation ----------------------------------------------------------------
     def collect(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
         """First pass of a global allocation: remember this layer's curves; returns the width
-        nearest to the target for every row (so it can serve as ``row_bits`` in that pass)."""
+        nearest to the target for every row (``FixedWidths(alloc.collect)`` is the allocator
+        of that pass)."""
         self._curves[name] = self.curves(weight, hessian)
         nearest = min(self.bit_choices, key=lambda b: abs(b - self.target_avg_bits))
         return torch.full((weight.shape[0],), nearest, dtype=torch.int64)
@@ -605,3 +649,15 @@ class MixedPrecisionAllocator:
             self._plan[n] = self._record(n, c, choice[start:start + c["rows"]])
             start += c["rows"]
         return dict(self._plan)
+
+
+def build_allocator(mixed: MixedPrecisionConfig, quant: QuantSpec, density: float = 1.0,
+                    nm: tuple[int, int] | str | None = None, percdamp: float = 0.01,
+                    mask_blocksize: int = 128) -> MixedPrecisionAllocator:
+    """The allocator a pruning run with ``mixed`` uses: the grid (groupsize, symmetric or not)
+    from ``quant``, the pruning (``density`` kept, or ``nm``) the solver will do."""
+    if mixed.unit != "row":
+        raise NotImplementedError(f"mixed-precision unit {mixed.unit!r} is not available yet; use 'row'")
+    return MixedPrecisionAllocator(mixed.target_avg_bits, mixed.method, groupsize=quant.groupsize,
+                                   density=density, nm=nm, sym=quant.sym, percdamp=percdamp,
+                                   mask_blocksize=mask_blocksize)

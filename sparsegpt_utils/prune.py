@@ -9,15 +9,15 @@ one Hessian and are solved as one stacked matrix, each keeping its own mask.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .mixed_precision import MixedPrecisionConfig
+from .mixed_precision import BitAllocator, MixedPrecisionConfig, QuantizationStats, build_allocator
 from .models import capture_block_inputs, get_adapter, run_block
 from .quant import QuantGrid, QuantSpec, rtn_quantize
 from .solver import (
@@ -33,10 +33,6 @@ __all__ = ["METHODS", "PruneConfig", "PruneResult", "prune_model"]
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "admm")
 
-# (layer name, weight [rows, cols], hessian [cols, cols]) -> per-row bit widths, int [rows]
-RowBits = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
-
-
 @dataclass
 class PruneConfig:
     """What to do to every linear layer of the decoder blocks.
@@ -44,14 +40,16 @@ class PruneConfig:
     density: fraction of weights KEPT, in (0, 1]; ignored when ``nm`` is given.
     block_densities: one density per block (e.g. OWL), overriding ``density``.
     quant: joint quantization (GPTQ-style for sparsegpt, round-to-nearest for the baselines).
-    row_bits: optional mixed-precision hook giving each row its bit width.
+    bit_allocator: an explicit mixed-precision hook (:class:`mixed_precision.BitAllocator`)
+    giving each row its bit width; normally built from ``mixed`` instead.
     prior_masks: masks from an earlier step (layer name -> bool, True = may be kept).
     owl: per-block densities from outlier ratios (OWL), same global density; owl_lambda is the
     spread, owl_m the outlier threshold (× the mean Wanda score).
     exact_update: after the mask is chosen, the exact (ADMM) weight update for that mask.
     reconstruct: after a block's layers are pruned, ``reconstruct_steps`` optimizer steps
     (learning rate ``reconstruct_lr``) fit the pruned block to the dense block's outputs, masks kept.
-    mixed: mixed-precision quantization under a bit budget (needs ``quant``).
+    mixed: mixed-precision quantization under a bit budget (needs ``quant``: its groupsize and
+    symmetry; the widths come from the budget).
     """
 
     method: str = "sparsegpt"
@@ -64,7 +62,7 @@ class PruneConfig:
     calibration_batch_size: int = 1
     shared_hessians: bool = True
     block_densities: Sequence[float] | None = None
-    row_bits: RowBits | None = None
+    bit_allocator: BitAllocator | None = None
     prior_masks: dict[str, torch.Tensor] | None = None
     owl: bool = False
     owl_lambda: float = 0.08
@@ -96,6 +94,13 @@ class PruneConfig:
         if self.reconstruct and (self.reconstruct_steps < 1 or not self.reconstruct_lr > 0):
             raise ValueError(f"reconstruct_steps must be >= 1 and reconstruct_lr > 0, "
                              f"got {self.reconstruct_steps}, {self.reconstruct_lr}")
+        if (self.mixed is not None or self.bit_allocator is not None) and self.quant is None:
+            raise ValueError("mixed precision (mixed / bit_allocator) needs quant (the grid: groupsize, sym)")
+        if self.mixed is not None and self.bit_allocator is not None:
+            raise ValueError("give mixed (a budget) or bit_allocator (an explicit allocator), not both")
+        if self.bit_allocator is not None and not isinstance(self.bit_allocator, BitAllocator):
+            raise ValueError("bit_allocator must be a mixed_precision.BitAllocator (__call__, refit, "
+                             "widths, stats); wrap a plain function in mixed_precision.FixedWidths")
         if self.blocksize % self.mask_blocksize and self.mask_blocksize % self.blocksize:
             raise ValueError(f"one of B={self.blocksize} and Bs={self.mask_blocksize} must divide the other")
 
@@ -110,8 +115,9 @@ class PruneResult:
     masks: dict[str, torch.Tensor] = field(repr=False)  # name -> bool [rows, cols] (cpu)
     grids: dict[str, QuantGrid] = field(repr=False)  # name -> grid, when quantized
     seconds: float = 0.0
-    solver_seconds: float = 0.0  # Hessians + factorizations + sweeps
+    solver_seconds: float = 0.0  # factorizations + sweeps (Hessians accumulate during the forwards)
     peak_gpu_mb: float | None = None  # peak CUDA memory allocated while pruning, MiB
+    quant_stats: QuantizationStats | None = field(default=None, repr=False)  # mixed precision: widths, bits
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -149,13 +155,16 @@ def prune_model(
             f"block_densities has {len(config.block_densities)} entries for {len(blocks)} blocks")
     unbuilt = [name for name, on in (("method admm", config.method == "admm"), ("owl", config.owl),
                                      ("exact_update", config.exact_update),
-                                     ("reconstruct", config.reconstruct), ("mixed", config.mixed))
+                                     ("reconstruct", config.reconstruct))
                if on]
     if unbuilt:
         raise NotImplementedError(f"not available yet: {', '.join(unbuilt)}")
+    if config.mixed is not None:  # one allocator per run: it keeps the widths and their stats
+        config = replace(config, mixed=None, bit_allocator=build_allocator(
+            config.mixed, config.quant, config.density, config.nm, config.percdamp, config.mask_blocksize))
     needs_data = config.method != "magnitude"
     # Wanda needs only ‖x_j‖ (diag H) — unless mixed precision wants full Hessians
-    wanda_only = config.method == "wanda" and config.row_bits is None
+    wanda_only = config.method == "wanda" and config.bit_allocator is None
     if needs_data and (calibration is None or calibration.ndim != 2):
         raise ValueError("calibration must be token ids [samples, seqlen] for sparsegpt and wanda")
 
@@ -182,7 +191,8 @@ def prune_model(
             for g, group in enumerate(groups):
                 layer = group[0][1]
                 accumulators[g] = HessianAccumulator(
-                    layer.in_features, device, diagonal_only=wanda_only)
+                    layer.in_features, device, diagonal_only=wanda_only,
+                    name=f"{adapter.blocks_path}.{index}.{group[0][0]}")
                 handles.append(layer.register_forward_hook(
                     lambda _m, inp, _out, acc=accumulators[g]: acc.add(inp[0])))
             for x in inputs:  # pass 1: Hessians
@@ -208,7 +218,7 @@ def prune_model(
                     "sparsity": 1 - float(mask.float().mean()),
                     "loss": loss, "seconds": secs,
                 })
-        solver_seconds += time.perf_counter() - t0 + sum(a.seconds for a in accumulators.values())
+        solver_seconds += time.perf_counter() - t0
 
         if index + 1 < len(blocks):
             for j, x in enumerate(inputs):  # pass 2: the next block's inputs, replacing these
@@ -218,7 +228,7 @@ def prune_model(
 
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     return PruneResult(pd.DataFrame(rows), masks, grids, time.perf_counter() - start, solver_seconds,
-                       peak)
+                       peak, getattr(config.bit_allocator, "stats", None))
 
 
 def _solve_group(config, names, layers, hessian, density, accumulator):
@@ -258,9 +268,10 @@ def _solve_group(config, names, layers, hessian, density, accumulator):
             new, mask, grid, loss = res.weight, res.mask, res.grid, res.loss
         else:
             if config.method == "wanda":
-                mask = wanda_mask(weight, accumulator.column_norms(), density, config.nm, prior_mask)
+                mask = wanda_mask(weight, accumulator.column_norms(), density, config.nm, prior_mask,
+                                  name=name)
             else:
-                mask = magnitude_mask(weight, density, config.nm, prior_mask)
+                mask = magnitude_mask(weight, density, config.nm, prior_mask, name=name)
             new, grid, loss = weight * mask, None, float("nan")
             quant = _row_quant(config, [name], [layer], hessian)
             if quant is not None:
@@ -282,7 +293,7 @@ def _sparsegpt(config, names, layers, weight, hessian, density, prior_mask):
     def solve(quant):
         return sparsegpt_solve(weight, hessian, density, config.nm, quant, config.blocksize,
                                config.mask_blocksize, config.percdamp, segments=segments,
-                               prior_mask=prior_mask)
+                               prior_mask=prior_mask, name="+".join(names))
 
     res = solve(_row_quant(config, names, layers, hessian))
     refit = _refit_quant(config, names, layers, hessian, res.mask)
@@ -294,17 +305,17 @@ def _sparsegpt(config, names, layers, weight, hessian, density, prior_mask):
 
 def _refit_quant(config, names, layers, hessian, mask) -> QuantSpec | None:
     """Mixed precision with pruning: the widths were planned on predicted per-row kept
-    counts; re-plan them on the mask the solver chose (``row_bits.refit``) and return the new
-    spec, or None when no layer's widths change (or the hook cannot re-plan)."""
-    refit = getattr(config.row_bits, "refit", None)
-    if config.quant is None or refit is None or bool(mask.all()):
+    counts; re-plan them on the mask the solver chose (``bit_allocator.refit``) and return the
+    new spec, or None when no layer's widths change."""
+    allocator = config.bit_allocator
+    if config.quant is None or allocator is None or bool(mask.all()):
         return None
     new, changed, start = [], False, 0
     for name, layer in zip(names, layers):
         stop = start + layer.out_features
-        bits = refit(name, layer.weight, hessian, mask[start:stop])
+        bits = allocator.refit(name, layer.weight, hessian, mask[start:stop])
         changed |= bits is not None
-        new.append(bits if bits is not None else config.row_bits.widths(name))
+        new.append(bits if bits is not None else allocator.widths(name))
         start = stop
     if not changed:
         return None
@@ -314,7 +325,7 @@ def _refit_quant(config, names, layers, hessian, mask) -> QuantSpec | None:
 def _measure_bits(config, names, layers, mask) -> None:
     """Record the real stored bits of mixed-precision layers with their final masks
     (``mask``: the layers' masks stacked by rows)."""
-    stats = getattr(config.row_bits, "stats", None)
+    stats = None if config.bit_allocator is None else config.bit_allocator.stats
     if stats is None or config.quant is None:
         return
     stats.measure(dict(zip(names, mask.split([layer.out_features for layer in layers]))))
@@ -323,8 +334,8 @@ def _measure_bits(config, names, layers, mask) -> None:
 def _row_quant(config, names, layers, hessian) -> QuantSpec | None:
     if config.quant is None:
         return None
-    if config.row_bits is None:
+    if config.bit_allocator is None:
         return config.quant
-    bits = torch.cat([config.row_bits(n, layer.weight, hessian).to(torch.int64).cpu()
+    bits = torch.cat([config.bit_allocator(n, layer.weight, hessian).to(torch.int64).cpu()
                       for n, layer in zip(names, layers)])
     return QuantSpec(bits, config.quant.groupsize, config.quant.sym, config.quant.mse)

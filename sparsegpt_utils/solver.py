@@ -9,7 +9,6 @@ fraction (sparsity = 1 - density).
 from __future__ import annotations
 
 import math
-import time
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,7 +25,9 @@ __all__ = [
     "magnitude_mask",
     "wanda_mask",
     "nm_mask",
+    "prune_lowest",
     "check_density",
+    "check_finite",
     "parse_nm",
 ]
 
@@ -53,45 +54,82 @@ def parse_nm(nm: str | tuple[int, int] | None) -> tuple[int, int] | None:
     return int(n), int(m)
 
 
+def _layer(name: str | None) -> str:
+    return f"layer {name}" if name else "this layer"
+
+
+def check_finite(tensor: torch.Tensor, what: str, name: str | None = None) -> None:
+    """Raise a ValueError naming the layer when ``tensor`` holds NaN or inf."""
+    bad = ~torch.isfinite(tensor)
+    if bool(bad.any()):
+        raise ValueError(f"{_layer(name)}: the {what} holds {int(bad.sum())} non-finite values "
+                         "(NaN or inf); refusing to prune it")
+
+
+def _warn_empty_rows(kept: torch.Tensor, weight: torch.Tensor, name: str | None) -> None:
+    """One warning when the mask keeps nothing of rows that had a nonzero weight."""
+    emptied = int((~kept.any(1) & (weight != 0).any(1).to(kept.device)).sum())
+    if emptied:
+        warnings.warn(f"{_layer(name)}: {emptied} of {kept.shape[0]} rows keep no weight at this "
+                      "density; their outputs are zeroed", RuntimeWarning, stacklevel=3)
+
+
 class HessianAccumulator:
     """Running mean ``H = (2/n) Σ x xᵀ`` over the ``n`` tokens seen, in float32.
 
     ``add(x, token_mask)`` takes activations [..., columns] and an optional bool mask of the
     leading shape that is False at padding tokens, which are left out. ``diagonal_only`` keeps
-    just ``diag H`` [columns] (all Wanda needs: d instead of d² work per token).
+    just ``diag H`` [columns] (all Wanda needs: d instead of d² work per token). ``name``: the
+    layer, for messages.
+
+    ``add`` never waits for the device; reading :attr:`hessian` (or :meth:`column_norms`)
+    checks what was accumulated: non-finite activations (NaN / inf, or an overflow) and a run
+    in which no token reached the layer (every batch all padding) raise a ValueError naming
+    the layer.
     """
 
     def __init__(self, columns: int, device: torch.device | str | None = None,
-                 diagonal_only: bool = False):
+                 diagonal_only: bool = False, name: str | None = None):
         shape = (columns,) if diagonal_only else (columns, columns)
-        self.hessian = torch.zeros(shape, dtype=torch.float32, device=device)
+        self._hessian = torch.zeros(shape, dtype=torch.float32, device=device)
         self.diagonal_only = diagonal_only
+        self.name = name
         self.tokens = 0
-        self.seconds = 0.0  # time spent accumulating (for the benchmarks)
+        self._checked_at = -1  # the token count the last check saw
 
     @torch.no_grad()
     def add(self, x: torch.Tensor, token_mask: torch.Tensor | None = None) -> None:
-        t0 = time.perf_counter()
-        self._add(x, token_mask)
-        if self.hessian.is_cuda:
-            torch.cuda.synchronize(self.hessian.device)
-        self.seconds += time.perf_counter() - t0
-
-    def _add(self, x: torch.Tensor, token_mask: torch.Tensor | None) -> None:
         x = x.reshape(-1, x.shape[-1])
         if token_mask is not None:
             x = x[token_mask.reshape(-1).to(x.device).bool()]
         n = x.shape[0]
         if n == 0:
             return
-        x = x.to(self.hessian.device, torch.float32)
-        self.hessian *= self.tokens / (self.tokens + n)
+        x = x.to(self._hessian.device, torch.float32)
+        self._hessian *= self.tokens / (self.tokens + n)
         self.tokens += n
         x = math.sqrt(2 / self.tokens) * x
         if self.diagonal_only:
-            self.hessian += (x * x).sum(0)
+            self._hessian += (x * x).sum(0)
         else:
-            self.hessian.addmm_(x.T, x)
+            self._hessian.addmm_(x.T, x)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``H`` [columns, columns] (or ``diag H`` [columns] when ``diagonal_only``), checked."""
+        if self._checked_at != self.tokens:
+            if self.tokens == 0:
+                raise ValueError(f"{_layer(self.name)}: no calibration token reached it (every token "
+                                 "was masked as padding, or no batch was seen): its Hessian is empty")
+            # a NaN or inf activation leaves H non-finite for good (every later update scales
+            # H by a positive factor and adds to it), so checking H checks every token seen
+            bad = ~torch.isfinite(self._hessian)
+            if bool(bad.any()):
+                raise ValueError(f"{_layer(self.name)}: the calibration activations hold non-finite "
+                                 f"values (NaN or inf, or x·xᵀ overflows float32): {int(bad.sum())} "
+                                 "Hessian entries are not finite")
+            self._checked_at = self.tokens
+        return self._hessian
 
     def diagonal(self) -> torch.Tensor:
         return self.hessian if self.diagonal_only else torch.diagonal(self.hessian)
@@ -137,22 +175,27 @@ def inverse_hessian_factor(hessian: torch.Tensor, percdamp: float = 0.01, retrie
     raise torch.linalg.LinAlgError(f"Cholesky failed even with percdamp={damp:g}")
 
 
-def _prune_lowest(score: torch.Tensor, prune_count: int) -> torch.Tensor:
-    """Bool mask (True = kept) that drops the ``prune_count`` lowest entries of ``score``."""
+def prune_lowest(score: torch.Tensor, prune_count: int, per_row: bool = False) -> torch.Tensor:
+    """Bool mask (True = kept) that drops the ``prune_count`` lowest entries of ``score``
+    [rows, cols]: of the whole tensor, or of each row when ``per_row``. The one unstructured
+    mask selector; ties at the threshold are pruned lowest index first, so exactly
+    ``prune_count`` entries go (per row)."""
+    groups = score.reshape(score.shape[0], -1) if per_row else score.reshape(1, -1)
     if prune_count <= 0:
         return torch.ones_like(score, dtype=torch.bool)
-    # a k-th value threshold is several times faster than topk for k ~ n/2; ties at the
-    # threshold are pruned lowest flat index first, so exactly prune_count entries go
-    flat = score.flatten()
-    kth = torch.kthvalue(flat, prune_count).values
-    below = flat < kth
-    tie = flat == kth
-    pruned = below | (tie & (torch.cumsum(tie, 0) <= prune_count - below.sum()))
+    if prune_count >= groups.shape[1]:
+        return torch.zeros_like(score, dtype=torch.bool)
+    # a k-th value threshold is several times faster than topk for k ~ n/2
+    kth = torch.kthvalue(groups, prune_count, dim=1, keepdim=True).values
+    below = groups < kth
+    tie = groups == kth
+    pruned = below | (tie & (torch.cumsum(tie, 1) <= prune_count - below.sum(1, keepdim=True)))
     return ~pruned.view_as(score)
 
 
 def nm_mask(score: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """Keep the ``n`` highest scores in every group of ``m`` consecutive columns of each row."""
+    """Keep the ``n`` highest scores in every group of ``m`` consecutive columns of each row
+    (the one N:M mask selector)."""
     rows, cols = score.shape
     if cols % m:
         raise ValueError(f"N:M needs the number of input columns ({cols}) divisible by M={m}")
@@ -186,6 +229,7 @@ def sparsegpt_solve(
     percdamp: float = 0.01,
     segments: Sequence[int] | None = None,
     prior_mask: torch.Tensor | None = None,
+    name: str | None = None,
 ) -> SolveResult:
     """Prune (and optionally quantize) ``weight`` to minimise ‖WX − ŴX‖² given ``H = 2XXᵀ/n``.
 
@@ -196,6 +240,9 @@ def sparsegpt_solve(
     q/k/v): each segment of rows picks its own mask (and ``density`` may be one per segment),
     which gives exactly the result of solving them one by one. ``prior_mask`` (True = may be
     kept) makes masks only shrink: a weight pruned before is pruned first and stays pruned.
+    ``name``: the layer, for messages. A weight or Hessian with NaN / inf, or an all-zero
+    Hessian (no calibration token reached the layer), is refused with a ValueError; rows the
+    mask leaves empty are warned about once.
     """
     rows, cols = weight.shape
     if hessian.shape != (cols, cols):
@@ -217,6 +264,11 @@ def sparsegpt_solve(
         if blocksize % m or cols % m:
             raise ValueError(f"N:M with M={m} needs B ({blocksize}) and columns ({cols}) divisible by M")
     unstructured = nm is None and any(d < 1 for d in densities)
+    check_finite(weight, "weight", name)
+    check_finite(hessian, "Hessian", name)
+    if not bool(torch.diagonal(hessian).any()):
+        raise ValueError(f"{_layer(name)}: the Hessian is zero (no calibration token reached the "
+                         "layer: all padding?); every weight would be pruned")
 
     if nm is None and quant is None and all(d == 1 for d in densities) and prior_mask is None:
         return SolveResult(weight.clone(), torch.ones_like(weight, dtype=torch.bool), None, 0.0, 0.0)
@@ -267,7 +319,7 @@ def sparsegpt_solve(
                     score = torch.where(prior[:, col:end], score, -1.0)
                 for (r0, r1), d in zip(bounds, densities, strict=True):
                     seg = score[r0:r1]
-                    kept[r0:r1, col:end] = _prune_lowest(seg, round(seg.numel() * (1 - d)))
+                    kept[r0:r1, col:end] = prune_lowest(seg, round(seg.numel() * (1 - d)))
                 if prior is not None:
                     kept[:, col:end] &= prior[:, col:end]
             if nm is not None and i % m == 0:
@@ -303,6 +355,7 @@ def sparsegpt_solve(
 
     kept &= ~dead[None, :]
     W *= kept
+    _warn_empty_rows(kept, weight, name)
     grid = None
     if quant is not None:
         grid = QuantGrid(torch.cat(scales, 1), torch.cat(zeros, 1), bits, quant.groupsize)
@@ -311,15 +364,19 @@ def sparsegpt_solve(
 
 def magnitude_mask(
     weight: torch.Tensor, density: float = 1.0, nm: tuple[int, int] | None = None,
-    prior_mask: torch.Tensor | None = None,
+    prior_mask: torch.Tensor | None = None, name: str | None = None,
 ) -> torch.Tensor:
-    """Keep the largest |w| of the whole matrix (or of each N:M group)."""
+    """Keep the largest |w| of the whole matrix (or of each N:M group). ``name``: the layer,
+    for messages."""
+    check_finite(weight, "weight", name)
     score = _with_prior(weight.detach().abs().float(), prior_mask)
     if nm is not None:
         kept = nm_mask(score, *parse_nm(nm))
     else:
-        kept = _prune_lowest(score, round(score.numel() * (1 - check_density(density))))
-    return kept if prior_mask is None else kept & prior_mask.to(kept.device, torch.bool)
+        kept = prune_lowest(score, round(score.numel() * (1 - check_density(density))))
+    kept = kept if prior_mask is None else kept & prior_mask.to(kept.device, torch.bool)
+    _warn_empty_rows(kept, weight, name)
+    return kept
 
 
 def _with_prior(score: torch.Tensor, prior_mask: torch.Tensor | None) -> torch.Tensor:
@@ -330,16 +387,18 @@ def _with_prior(score: torch.Tensor, prior_mask: torch.Tensor | None) -> torch.T
 def wanda_mask(
     weight: torch.Tensor, input_norm: torch.Tensor, density: float = 1.0,
     nm: tuple[int, int] | None = None, prior_mask: torch.Tensor | None = None,
+    name: str | None = None,
 ) -> torch.Tensor:
-    """Wanda (Sun et al., 2023): score ``|w_ij| · ‖x_j‖₂``, compared within each output row."""
+    """Wanda (Sun et al., 2023): score ``|w_ij| · ‖x_j‖₂``, compared within each output row.
+    ``name``: the layer, for messages."""
+    check_finite(weight, "weight", name)
+    check_finite(input_norm, "input norm", name)
     score = weight.detach().abs().float() * input_norm.to(weight.device).float()[None, :]
     score = _with_prior(score, prior_mask)
     if nm is not None:
         kept = nm_mask(score, *parse_nm(nm))
     else:
-        prune = round(score.shape[1] * (1 - check_density(density)))
-        kept = torch.ones_like(score, dtype=torch.bool)
-        if prune:
-            idx = torch.topk(score, prune, dim=1, largest=False).indices
-            kept.scatter_(1, idx, False)
-    return kept if prior_mask is None else kept & prior_mask.to(kept.device, torch.bool)
+        kept = prune_lowest(score, round(score.shape[1] * (1 - check_density(density))), per_row=True)
+    kept = kept if prior_mask is None else kept & prior_mask.to(kept.device, torch.bool)
+    _warn_empty_rows(kept, weight, name)
+    return kept

@@ -10,11 +10,15 @@ import pytest
 import torch
 
 from sparsegpt_utils.mixed_precision import (
+    BitAllocator,
+    FixedWidths,
     MixedPrecisionAllocator,
+    MixedPrecisionConfig,
     allocate_budget,
     allocate_quantile,
     error_curves,
     importance_factors,
+    predicted_mask,
 )
 from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
@@ -25,7 +29,7 @@ from sparsegpt_utils.quant import (
     rtn_quantize,
     width_map_bits,
 )
-from sparsegpt_utils.solver import sparsegpt_solve
+from sparsegpt_utils.solver import nm_mask, prune_lowest, sparsegpt_solve
 from tests.conftest import tiny_llama
 
 
@@ -184,8 +188,8 @@ def test_prune_model_with_allocator_keeps_zeros_and_budget():
     model = tiny_llama()
     calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
     alloc = MixedPrecisionAllocator(3.0, "budget", groupsize=32, density=0.5)
-    res = prune_model(model, calib, PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4, 32), row_bits=alloc),
-                      progress=False)
+    res = prune_model(model, calib, PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4, 32),
+                                                bit_allocator=alloc), progress=False)
     df = alloc.stats.to_dataframe()
     assert set(df["layer"]) == set(res.masks) and len(df) == 14
     for name, layer in pruned_linears(model).items():
@@ -213,14 +217,14 @@ def test_global_allocation_two_passes():
     alloc = MixedPrecisionAllocator(3.5, "budget", scope="global")
     with pytest.raises(KeyError, match="fit_global"):
         alloc("model.layers.0.self_attn.q_proj", torch.zeros(64, 64), torch.eye(64))
-    prune_model(tiny_llama(), calib, PruneConfig("wanda", 1.0, quant=QuantSpec(4), row_bits=alloc.collect),
-                progress=False)
+    prune_model(tiny_llama(), calib, PruneConfig("wanda", 1.0, quant=QuantSpec(4),
+                                                 bit_allocator=FixedWidths(alloc.collect)), progress=False)
     plan = alloc.fit_global()
     assert len(plan) == 14
     assert 3.5 - 0.01 <= alloc.stats.avg_bits <= 3.5
     per_layer = alloc.stats.to_dataframe()["avg_bits"]
     assert per_layer.max() - per_layer.min() > 0.1  # the budget moved between layers
-    res = prune_model(model, calib, PruneConfig("sparsegpt", 1.0, quant=QuantSpec(4), row_bits=alloc),
+    res = prune_model(model, calib, PruneConfig("sparsegpt", 1.0, quant=QuantSpec(4), bit_allocator=alloc),
                       progress=False)
     for name, bits in plan.items():
         assert torch.equal(res.grids[name].bits.cpu(), bits)
@@ -274,9 +278,11 @@ def test_stats_summary_dataframe_and_plot(tmp_path, capsys):
 
 
 def test_prune_model_solves_again_with_the_widths_refit_returns():
-    # a row_bits hook that plans 4 bits, then re-plans 3 once it sees the real mask: the
+    # an allocator that plans 4 bits, then re-plans 3 once it sees the real mask: the
     # weights prune_model leaves must be the second solve's, on 3-bit grids
     class Replan:
+        stats = None
+
         def __init__(self):
             self.seen = {}
 
@@ -296,7 +302,7 @@ def test_prune_model_solves_again_with_the_widths_refit_returns():
 
     model = tiny_llama()
     calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
-    res = prune_model(model, calib, PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4), row_bits=Replan()),
+    res = prune_model(model, calib, PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4), bit_allocator=Replan()),
                       progress=False)
     for name, layer in pruned_linears(model).items():
         want = 3 if "q_proj" in name else 4
@@ -305,3 +311,55 @@ def test_prune_model_solves_again_with_the_widths_refit_returns():
         assert int(codes.max()) <= 2**want - 1 and bool((layer.weight[~res.masks[name]] == 0).all())
     assert int(res.grids["model.layers.0.self_attn.q_proj"].codes(
         pruned_linears(model)["model.layers.0.self_attn.q_proj"].weight.detach()).max()) == 7
+
+
+def test_prune_model_builds_its_allocator_from_mixed():
+    calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    config = PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4, 32), mixed=MixedPrecisionConfig(3.0))
+    model = tiny_llama()
+    res = prune_model(model, calib, config, progress=False)
+    stats = res.quant_stats
+    assert stats is not None and len(stats.layers) == 14 and stats.target_avg_bits == 3.0
+    for a in stats.layers:
+        assert torch.equal(res.grids[a.name].bits.cpu(), a.bits)  # the solver used these widths
+    # the real bits (final masks) meet the budget up to the width-map slack (see above)
+    slack = sum(a.rows * (3 - width_map_bits(a.bits)) for a in stats.layers) / stats.params
+    assert stats.actual_avg_bits <= 3.0 and abs(stats.actual_avg_bits + slack - 3.0) < 0.01
+    again = prune_model(tiny_llama(), calib, config, progress=False)  # a fresh allocator per run
+    assert again.quant_stats is not stats and len(again.quant_stats.layers) == 14
+    assert config.bit_allocator is None and config.mixed is not None  # the config is left as given
+    assert prune_model(tiny_llama(), calib, PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4)),
+                       progress=False).quant_stats is None
+
+
+def test_bit_allocator_is_a_typed_protocol():
+    assert isinstance(MixedPrecisionAllocator(3.0), BitAllocator)
+    fixed = FixedWidths(lambda _n, w, _h: torch.full((w.shape[0],), 3))
+    assert isinstance(fixed, BitAllocator)
+    assert fixed("a", torch.zeros(5, 4), torch.eye(4)).tolist() == [3] * 5
+    assert fixed.widths("a").tolist() == [3] * 5 and fixed.refit("a", None, None, None) is None
+    with pytest.raises(ValueError, match="FixedWidths"):
+        PruneConfig(quant=QuantSpec(4), bit_allocator=lambda _n, w, _h: torch.full((w.shape[0],), 3))
+    with pytest.raises(ValueError, match="needs quant"):
+        PruneConfig(mixed=MixedPrecisionConfig(3.0))
+    with pytest.raises(ValueError, match="not both"):
+        PruneConfig(quant=QuantSpec(4), mixed=MixedPrecisionConfig(3.0), bit_allocator=fixed)
+    with pytest.raises(ValueError, match="target_avg_bits"):
+        MixedPrecisionConfig(1.0)
+
+
+@pytest.mark.parametrize("density,nm", [(0.5, None), (0.3, None), (1.0, (2, 4))])
+def test_predicted_mask_is_the_solvers_first_choice(density, nm):
+    # the first mask block (or N:M group) is chosen before any update: the prediction, made
+    # with the same selector, must be exactly the solver's there
+    W, _, H = salient_layer(rows=32, cols=128)
+    pred = predicted_mask(W, H, density, nm, mask_blocksize=64)
+    res = sparsegpt_solve(W, H, density, nm, blocksize=64, mask_blocksize=64)
+    first = 64 if nm is None else nm[1]
+    assert torch.equal(pred[:, :first], res.mask[:, :first])
+    score = torch.rand(8, 16, generator=torch.Generator().manual_seed(1))
+    if nm is None:
+        assert torch.equal(prune_lowest(score, 40), score > score.flatten().sort().values[39])
+    else:
+        assert torch.equal(nm_mask(score, 2, 4), score >= score.view(8, 4, 4).sort(-1).values[..., 2:3]
+                           .expand(8, 4, 4).reshape(8, 16))

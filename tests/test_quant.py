@@ -151,6 +151,10 @@ def test_storage_bits_by_hand():
     assert width_map_bits(torch.tensor([3, 3])) == 0 and width_map_bits(torch.tensor([3, 4])) == 1
     assert width_map_bits(0, 2, 8) == 3
     assert row_storage_bits(4, 10, rows=2).tolist() == [60.0, 60.0]
+    # a layer that keeps every weight stores no mask, however its kept counts are given
+    for kept in (10, torch.tensor([10, 10]), torch.ones(2, 10, dtype=torch.bool)):
+        assert quant_storage_bits(2, 10, 4, kept=kept) == 2 * 60
+    assert quant_storage_bits(2, 10, 4, kept=torch.tensor([10, 9])) == 19 * 4 + 20 + 2 * 20
     with pytest.raises(ValueError, match="rows"):
         row_storage_bits(4, 10)
 

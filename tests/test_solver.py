@@ -11,6 +11,7 @@ from sparsegpt_utils.solver import (
     HessianAccumulator,
     magnitude_mask,
     parse_nm,
+    prune_lowest,
     sparsegpt_solve,
     wanda_mask,
 )
@@ -204,3 +205,96 @@ def test_bad_arguments_name_the_parameter(kwargs, match):
         sparsegpt_solve(W, H, **kwargs)
     with pytest.raises(ValueError, match="N:M"):
         parse_nm("3:2")
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_weight_or_hessian_refused_naming_the_layer(bad):
+    W, H, _ = random_layer(rows=8, cols=32, tokens=256)
+    W_bad = W.clone()
+    W_bad[3, 7] = bad
+    with pytest.raises(ValueError, match=r"layer blk\.0\.fc1.*weight.*non-finite"):
+        sparsegpt_solve(W_bad, H, 0.5, blocksize=32, mask_blocksize=32, name="blk.0.fc1")
+    H_bad = H.clone()
+    H_bad[2, 2] = bad
+    with pytest.raises(ValueError, match=r"layer blk\.0\.fc1.*Hessian.*non-finite"):
+        sparsegpt_solve(W, H_bad, 0.5, blocksize=32, mask_blocksize=32, name="blk.0.fc1")
+    with pytest.raises(ValueError, match="non-finite"):  # quantizing only, nothing pruned
+        sparsegpt_solve(W_bad, H, 1.0, quant=QuantSpec(4), blocksize=32, mask_blocksize=32)
+    for mask_of in (lambda w: magnitude_mask(w, 0.5, name="blk.0.fc1"),
+                    lambda w: wanda_mask(w, torch.ones(32), 0.5, name="blk.0.fc1")):
+        with pytest.raises(ValueError, match=r"blk\.0\.fc1.*non-finite"):
+            mask_of(W_bad)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+@pytest.mark.parametrize("diagonal_only", [False, True])
+def test_non_finite_activations_refused_naming_the_layer(bad, diagonal_only):
+    x = torch.randn(2, 16, 8, generator=torch.Generator().manual_seed(0))
+    x[1, 3, 5] = bad
+    acc = HessianAccumulator(8, diagonal_only=diagonal_only, name="blk.1.q_proj")
+    acc.add(x[:1])
+    acc.add(x[1:])
+    with pytest.raises(ValueError, match=r"layer blk\.1\.q_proj.*activations.*non-finite"):
+        _ = acc.hessian
+    with pytest.raises(ValueError, match=r"blk\.1\.q_proj"):
+        acc.column_norms()
+
+
+def test_no_calibration_token_refused_naming_the_layer():
+    x = torch.randn(2, 16, 8)
+    acc = HessianAccumulator(8, name="blk.0.k_proj")
+    acc.add(x, torch.zeros(2, 16, dtype=torch.bool))  # an all-padding batch
+    with pytest.raises(ValueError, match=r"layer blk\.0\.k_proj.*no calibration token.*padding"):
+        _ = acc.hessian
+    acc.add(x[:1])  # a later batch with real tokens makes it usable
+    assert acc.tokens == 16 and torch.isfinite(acc.hessian).all()
+    # a zero Hessian given to the solver directly is refused too (it would zero the layer)
+    with pytest.raises(ValueError, match=r"layer blk\.0\.k_proj.*Hessian is zero"):
+        sparsegpt_solve(torch.randn(4, 8), torch.zeros(8, 8), 0.5, blocksize=8, mask_blocksize=8,
+                        name="blk.0.k_proj")
+
+
+def test_rows_left_empty_are_warned_once_with_the_count():
+    W, H, _ = random_layer(rows=8, cols=32, tokens=256)
+    W[2] = 0  # a row with nothing to keep is not the density's doing
+    for prune in (lambda: sparsegpt_solve(W, H, 0.01, blocksize=32, mask_blocksize=32, name="blk.0.fc2").mask,
+                  lambda: wanda_mask(W, torch.ones(32), 0.01, name="blk.0.fc2"),
+                  lambda: magnitude_mask(W, 0.01, name="blk.0.fc2")):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            mask = prune()
+        emptied = int((~mask.any(1) & (W != 0).any(1)).sum())
+        assert emptied >= 4  # 8 x 32 at density 0.01 keeps at most 3 weights
+        empty = [w for w in caught if "keep no weight" in str(w.message)]
+        assert len(empty) == 1, [str(w.message) for w in caught]
+        msg = str(empty[0].message)
+        assert "blk.0.fc2" in msg and f"{emptied} of 8 rows" in msg, msg
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        sparsegpt_solve(W, H, 0.5, blocksize=32, mask_blocksize=32)  # no row empties: silent
+
+
+def test_one_mask_selector_breaks_ties_by_position():
+    score = torch.tensor([[1.0, 1.0, 1.0, 0.5], [2.0, 2.0, 2.0, 2.0]])
+    assert prune_lowest(score, 3).tolist() == [[False, False, True, False], [True, True, True, True]]
+    assert prune_lowest(score, 2, per_row=True).tolist() == [[False, True, True, False],
+                                                             [False, False, True, True]]
+    assert prune_lowest(score, 0).all() and not prune_lowest(score, 8).any()
+    # Wanda compares within each row, with the same selector
+    W = torch.randn(6, 40, generator=torch.Generator().manual_seed(0))
+    kept = wanda_mask(W, torch.ones(40), 0.25)
+    assert torch.equal(kept, prune_lowest(W.abs(), 30, per_row=True))
+    assert torch.all(kept.sum(1) == 10)
+
+
+def test_accumulating_never_waits_for_the_device(monkeypatch):
+    # timing lives in bench/: add() neither synchronizes nor keeps a clock
+    def no_sync(*_a, **_k):
+        raise AssertionError("HessianAccumulator.add synchronized the device")
+
+    monkeypatch.setattr(torch.cuda, "synchronize", no_sync)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    acc = HessianAccumulator(8, device, name="blk.0.q_proj")
+    for _ in range(3):
+        acc.add(torch.randn(4, 8, device=device))
+    assert not hasattr(acc, "seconds") and acc.tokens == 12
