@@ -1,18 +1,31 @@
-"""Loading causal LMs, and one small adapter per architecture family.
+"""Loading causal LMs, and the adapter that finds a model's decoder blocks and linear layers.
 
-An adapter knows three things about its family: where the decoder blocks are, which linear
-layers of a block read the same input (they share one Hessian), and which modules run
-before the first block (so that calibration inputs can be captured on the right device).
-Running a block is the same for every family: call it with the keyword arguments the model
-itself passed to its first block (attention mask, position ids, position embeddings).
+The adapter is found from the model itself, for any causal LM transformers loads:
+
+- the decoder blocks are the largest ``nn.ModuleList`` of same-class modules (checked to run
+  once each, in order, during a dense forward pass);
+- the prunable matrices of a block are its ``nn.Linear`` layers and GPT-2 style ``Conv1D``
+  layers (weight stored [in, out]); a fused q/k/v or gate/up matrix is split into the
+  matrices it holds (:data:`FUSED`), each a :class:`MatrixView` into the real parameter;
+- which matrices read the same input (and so share one Hessian) is seen by running each block
+  once with hooks, during :func:`capture_block_inputs`;
+- everything a block's forward needs (attention masks, which differ between full and
+  sliding-window layers, position ids and embeddings, per-layer keyword arguments) is
+  recorded at the entrance of every block during that dense pass.
+
+A block whose structure the adapter cannot split (a fused matrix of unknown layout, expert
+weights stored as 3-D tensors) is refused by :func:`get_adapter`, before any model work.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import inspect
 import os
 import shutil
 import tempfile
+import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +36,9 @@ from .paths import cache_dir
 
 __all__ = [
     "BUILTIN_MODELS",
+    "FUSED",
+    "BlockKwargs",
+    "MatrixView",
     "ModelAdapter",
     "get_adapter",
     "load_model",
@@ -31,6 +47,9 @@ __all__ = [
     "run_block",
     "capture_block_inputs",
     "pruned_linears",
+    "weight_key",
+    "matrix_layout",
+    "assemble_weight",
     "model_seqlen",
 ]
 
@@ -41,65 +60,240 @@ class ModelNotFoundError(FileNotFoundError):
     pass
 
 
+# ---------------------------------------------------------------------------------------------
+# prunable matrices
+# ---------------------------------------------------------------------------------------------
+
+def _conv1d_class():
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        return ()
+    return Conv1D
+
+
+def _is_conv1d(module: nn.Module) -> bool:
+    cls = _conv1d_class()
+    return bool(cls) and isinstance(module, cls)
+
+
+class MatrixView:
+    """One prunable matrix [out_features, in_features] stored in (part of) a module's weight:
+    the transpose of a ``Conv1D`` weight [in, out], and/or a band of rows of a fused matrix.
+
+    ``weight`` is a view into the real parameter, so reading it costs nothing and an in-place
+    write (``weight.copy_``, ``weight.mul_``) changes the model. ``register_forward_hook``
+    hooks the owning module and calls ``hook(view, inputs, output)``.
+    """
+
+    def __init__(self, module: nn.Module, transposed: bool = False,
+                 rows: tuple[int, int] | None = None, part: str | None = None):
+        self.module, self.transposed, self.rows, self.part = module, transposed, rows, part
+        out, cols = self._full().shape
+        self.in_features = cols
+        self.out_features = out if rows is None else rows[1] - rows[0]
+
+    def _full(self) -> torch.Tensor:
+        w = self.module.weight
+        return w.t() if self.transposed else w
+
+    @property
+    def weight(self) -> torch.Tensor:
+        w = self._full()
+        return w if self.rows is None else w[self.rows[0]:self.rows[1]]
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        b = getattr(self.module, "bias", None)
+        return b if b is None or self.rows is None else b[self.rows[0]:self.rows[1]]
+
+    def register_forward_hook(self, hook: Callable):
+        return self.module.register_forward_hook(lambda _m, inputs, output: hook(self, inputs, output))
+
+    def __repr__(self) -> str:
+        return (f"MatrixView({type(self.module).__name__}, part={self.part!r}, rows={self.rows}, "
+                f"transposed={self.transposed}, out_features={self.out_features}, "
+                f"in_features={self.in_features})")
+
+
+def _heads(config) -> tuple[int, int, int]:
+    """(attention heads, key/value heads, head dim) of a config."""
+    heads = config.num_attention_heads
+    kv = getattr(config, "num_key_value_heads", None) or heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    return heads, kv, head_dim
+
+
+def _bands(parts: list[tuple[str, int]], repeat: int = 1) -> list[tuple[str, tuple[int, int]]]:
+    """Named row bands of a fused matrix whose rows are ``parts`` (name, rows) in order,
+    that pattern repeated ``repeat`` times (per head or per key/value group); a band of a
+    repeated pattern is named with its repeat index (q0, k0, v0, q1, ...)."""
+    out, start = [], 0
+    for r in range(repeat):
+        for name, size in parts:
+            out.append((f"{name}{r}" if repeat > 1 else name, (start, start + size)))
+            start += size
+    return out
+
+
+def _phi3_qkv(config, _out):
+    heads, kv, hd = _heads(config)
+    return _bands([("q", heads * hd), ("k", kv * hd), ("v", kv * hd)])
+
+
+def _halves(names):
+    return lambda _config, out: _bands([(names[0], out // 2), (names[1], out // 2)])
+
+
+def _thirds(_config, out):
+    return _bands([("q", out // 3), ("k", out // 3), ("v", out // 3)])
+
+
+def _per_head_qkv(config, _out):
+    heads, _, hd = _heads(config)
+    return _bands([("q", hd), ("k", hd), ("v", hd)], repeat=heads)
+
+
+def _falcon_qkv(config, _out):
+    heads, hd = config.num_attention_heads, config.hidden_size // config.num_attention_heads
+    if config.new_decoder_architecture:  # per key/value group: its query heads, one k, one v
+        kv = config.num_kv_heads
+        return _bands([("q", heads // kv * hd), ("k", hd), ("v", hd)], repeat=kv)
+    if config.multi_query:
+        return _bands([("q", heads * hd), ("k", hd), ("v", hd)])
+    return _bands([("q", hd), ("k", hd), ("v", hd)], repeat=heads)
+
+
+# model_type -> {module path inside a block: (config, out_features) -> [(part, (row0, row1))]}.
+# Rows are those of the [out, in] matrix, in the order the block's forward splits its output.
+FUSED: dict[str, dict[str, Callable]] = {
+    "phi3": {"self_attn.qkv_proj": _phi3_qkv, "mlp.gate_up_proj": _halves(("gate", "up"))},
+    "gpt2": {"attn.c_attn": _thirds},
+    "gpt_neox": {"attention.query_key_value": _per_head_qkv},
+    "falcon": {"self_attention.query_key_value": _falcon_qkv},
+}
+# names that suggest a fused matrix: refused unless FUSED says how to split it
+_FUSED_HINTS = ("qkv", "query_key_value", "gate_up", "c_attn", "w13")
+
+
+# ---------------------------------------------------------------------------------------------
+# the adapter
+# ---------------------------------------------------------------------------------------------
+
+# block -> names of its layer-owning modules grouped by shared input, in call order, seen by
+# running the block once (capture_block_inputs); blocks not run yet fall back to one group
+# per module
+_INPUT_GROUPS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
 @dataclass(frozen=True)
 class ModelAdapter:
-    family: str
+    family: str  # the config's model_type
     blocks_path: str  # attribute path from the CausalLM to the nn.ModuleList of blocks
-    pre_block: tuple[str, ...]  # modules (paths from the CausalLM) that run before block 0
-    input_groups: tuple[tuple[str, ...], ...]  # linear layers (paths in a block) sharing input
+    # module path inside a block -> its parts ((name, (row0, row1)), ...) for a fused matrix
+    fused: tuple[tuple[str, tuple[tuple[str, tuple[int, int]], ...]], ...] = ()
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return _get(model, self.blocks_path)
 
     def pre_block_modules(self, model: nn.Module) -> list[nn.Module]:
-        return [m for p in self.pre_block if (m := _get(model, p, None)) is not None]
+        """The modules outside the blocks, except the output embedding (``lm_head``): all that
+        may run before the first block (embeddings, positions, rotary tables)."""
+        blocks = self.blocks(model)
+        head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
 
-    def linear_groups(self, block: nn.Module) -> list[list[tuple[str, nn.Linear]]]:
-        """Every nn.Linear of ``block``, grouped by shared input. A linear layer the adapter
-        does not name still gets pruned, alone, so no layer is silently left dense."""
-        linears = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear)}
-        groups, seen = [], set()
-        for names in self.input_groups:
-            present = [(n, linears[n]) for n in names if n in linears]
-            if present:
-                groups.append(present)
-                seen.update(n for n, _ in present)
-        groups += [[(n, m)] for n, m in linears.items() if n not in seen]
-        return groups
+        def walk(module):
+            for child in module.children():
+                if child is blocks or child is head:
+                    continue
+                if any(m is blocks for m in child.modules()):
+                    yield from walk(child)
+                else:
+                    yield child
+
+        return list(walk(model))
+
+    def matrices(self, block: nn.Module) -> dict[str, list[tuple[str, object]]]:
+        """module name -> its prunable matrices [(name, layer)]: an nn.Linear itself, or
+        :class:`MatrixView` s (a Conv1D's transposed weight, the parts of a fused matrix)."""
+        fused = dict(self.fused)
+        out = {}
+        for name, module in block.named_modules():
+            if not (isinstance(module, nn.Linear) or _is_conv1d(module)):
+                continue
+            transposed = _is_conv1d(module)
+            if name in fused:
+                out[name] = [(f"{name}.{part}", MatrixView(module, transposed, rows, part))
+                             for part, rows in fused[name]]
+            elif transposed:
+                out[name] = [(name, MatrixView(module, True))]
+            else:
+                out[name] = [(name, module)]
+        return out
+
+    def linear_groups(self, block: nn.Module) -> list[list[tuple[str, object]]]:
+        """The prunable matrices of ``block`` grouped by shared input (they share one Hessian),
+        as seen when the block ran in :func:`capture_block_inputs`; before that, one group per
+        module (the parts of a fused matrix always read one input). Modules that did not run
+        are left out (they do not touch the block's output)."""
+        matrices = self.matrices(block)
+        found = _INPUT_GROUPS.get(block)
+        if found is None:
+            return list(matrices.values())
+        return [[m for name in names for m in matrices[name]] for names in found]
 
 
-OPT = ModelAdapter(
-    family="opt",
-    blocks_path="model.decoder.layers",
-    pre_block=("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-    input_groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.out_proj",),
-        ("fc1",),
-        ("fc2",),
-    ),
-)
-LLAMA = ModelAdapter(
-    family="llama",
-    blocks_path="model.layers",
-    pre_block=("model.embed_tokens", "model.rotary_emb"),
-    input_groups=(
-        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
-        ("self_attn.o_proj",),
-        ("mlp.gate_proj", "mlp.up_proj"),
-        ("mlp.down_proj",),
-    ),
-)
-ADAPTERS = {"opt": OPT, "llama": LLAMA, "mistral": LLAMA, "qwen2": LLAMA, "qwen3": LLAMA}
+def _out_features(module: nn.Module) -> int:
+    return module.weight.shape[1] if _is_conv1d(module) else module.weight.shape[0]
+
+
+def _find_blocks(model: nn.Module) -> str:
+    """Path of the largest nn.ModuleList of same-class modules holding linear layers."""
+    best = None
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or not len(module) or not name:
+            continue
+        if len({type(m) for m in module}) != 1:
+            continue
+        if not any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in module[0].modules()):
+            continue
+        key = (sum(p.numel() for p in module.parameters()), len(module))
+        if best is None or key > best[0]:
+            best = (key, name)
+    if best is None:
+        raise ValueError(f"{type(model).__name__}: no nn.ModuleList of identical decoder blocks "
+                         f"with linear layers found; this model cannot be pruned block by block")
+    return best[1]
 
 
 def get_adapter(model: nn.Module) -> ModelAdapter:
-    model_type = getattr(model.config, "model_type", None)
-    if model_type not in ADAPTERS:
-        raise ValueError(
-            f"model_type {model_type!r} has no adapter; supported: {sorted(ADAPTERS)}"
-        )
-    return ADAPTERS[model_type]
+    """The adapter of ``model``, found from its structure. Raises ValueError naming what is
+    missing when a block holds weights the pruner cannot treat as matrices."""
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    blocks_path = _find_blocks(model)
+    block = _get(model, blocks_path)[0]
+    layers = {n: m for n, m in block.named_modules() if isinstance(m, nn.Linear) or _is_conv1d(m)}
+    known = FUSED.get(model_type, {})
+    problems, fused = [], []
+    for name, module in layers.items():
+        leaf = name.rsplit(".", 1)[-1].lower()
+        if name in known:
+            out = _out_features(module)
+            split = tuple(known[name](model.config, out))
+            if split[-1][1][1] != out:
+                problems.append(f"{name!r}: the fused split covers {split[-1][1][1]} of {out} rows")
+            fused.append((name, split))
+        elif any(h in leaf for h in _FUSED_HINTS):
+            problems.append(f"{name!r} looks like a fused matrix whose split is unknown for "
+                            f"model_type {model_type!r} (add it to models.FUSED)")
+    owned = {id(m.weight) for m in layers.values()}
+    for name, p in block.named_parameters():
+        if p.ndim >= 2 and id(p) not in owned:
+            problems.append(f"{name!r} {list(p.shape)} is not the weight of an nn.Linear or Conv1D")
+    if problems:
+        raise ValueError(f"{type(model).__name__} (model_type {model_type!r}) cannot be pruned: "
+                         + "; ".join(problems))
+    return ModelAdapter(model_type or type(model).__name__, blocks_path, tuple(fused))
 
 
 def _get(obj, path: str, default=...):
@@ -112,15 +306,54 @@ def _get(obj, path: str, default=...):
     return obj
 
 
-def pruned_linears(model: nn.Module) -> dict[str, nn.Linear]:
-    """Every linear layer inside the decoder blocks, by its full name in the model."""
+def pruned_linears(model: nn.Module) -> dict[str, nn.Linear | MatrixView]:
+    """Every prunable matrix inside the decoder blocks, by its full name in the model: an
+    nn.Linear, or a :class:`MatrixView` (Conv1D, part of a fused matrix) whose ``weight`` is
+    the [out, in] view into the model's parameter. Fused parts are named after their module
+    (``...qkv_proj.q``)."""
     adapter = get_adapter(model)
     out = {}
     for i, block in enumerate(adapter.blocks(model)):
-        for group in adapter.linear_groups(block):
+        for group in adapter.matrices(block).values():
             for name, layer in group:
                 out[f"{adapter.blocks_path}.{i}.{name}"] = layer
     return out
+
+
+def weight_key(name: str, layer) -> str:
+    """The state-dict key of the parameter that holds the matrix ``name`` (as in
+    :func:`pruned_linears`)."""
+    if isinstance(layer, MatrixView) and layer.part is not None:
+        name = name.rsplit(".", 1)[0]
+    return f"{name}.weight"
+
+
+def matrix_layout(layer) -> dict | None:
+    """Where a :class:`MatrixView` lies in its parameter: ``{"rows": [r0, r1] or None,
+    "transposed": bool}``; None for a plain nn.Linear (the whole parameter)."""
+    if not isinstance(layer, MatrixView):
+        return None
+    return {"rows": None if layer.rows is None else list(layer.rows), "transposed": layer.transposed}
+
+
+def assemble_weight(parts: list[tuple[dict | None, torch.Tensor]]) -> torch.Tensor:
+    """The parameter rebuilt from its matrices [(layout as in :func:`matrix_layout`, weight
+    [out, in])]; raises ValueError unless the parts cover every row exactly once."""
+    if len(parts) == 1 and (parts[0][0] is None or parts[0][0]["rows"] is None):
+        layout, w = parts[0]
+        return w.t().contiguous() if layout and layout["transposed"] else w
+    transposed = {bool(layout and layout["transposed"]) for layout, _ in parts}
+    if len(transposed) != 1 or any(layout is None or layout["rows"] is None for layout, _ in parts):
+        raise ValueError("the parts of one parameter disagree on its layout")
+    ranges = sorted((tuple(layout["rows"]), i) for i, (layout, _) in enumerate(parts))
+    rows, cols = ranges[-1][0][1], parts[0][1].shape[1]
+    covered = [r for (r, _) in ranges]
+    if covered[0][0] != 0 or any(a[1] != b[0] for a, b in zip(covered, covered[1:])):
+        raise ValueError(f"the parts of one parameter do not cover its rows exactly once: {covered}")
+    full = torch.empty(rows, cols, dtype=parts[0][1].dtype)
+    for (r0, r1), i in ranges:
+        full[r0:r1] = parts[i][1]
+    return full.t().contiguous() if transposed.pop() else full
 
 
 def model_seqlen(model: nn.Module, cap: int = 2048) -> int:
@@ -217,8 +450,24 @@ class _StopForward(Exception):
     pass
 
 
+class BlockKwargs(dict):
+    """The keyword arguments of the first block, with those of every block in ``per_block``
+    (block module -> kwargs): layers of different types (full / sliding-window attention)
+    get different masks. :func:`run_block` picks the block's own."""
+
+    def __init__(self, first: dict, per_block: dict | None = None):
+        super().__init__(first)
+        self.per_block = per_block or {}
+
+    def of(self, block: nn.Module) -> dict:
+        return self.per_block.get(block, self)
+
+
 def run_block(block: nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """One decoder block on ``hidden`` [batch, seq, d] with the captured keyword arguments."""
+    """One decoder block on ``hidden`` [batch, seq, d] with the captured keyword arguments
+    (a :class:`BlockKwargs` gives each block the arguments the model passed to it)."""
+    if isinstance(kwargs, BlockKwargs):
+        kwargs = kwargs.of(block)
     out = block(hidden, **kwargs)
     return out[0] if isinstance(out, tuple) else out
 
@@ -235,47 +484,149 @@ def _to(obj, device):
     return obj
 
 
+_CACHE_ARGS = ("past_key_values", "past_key_value", "layer_past", "cache")
+
+
+def _named_arguments(block: nn.Module, args: tuple, kwargs: dict) -> tuple[torch.Tensor, dict]:
+    """(hidden states, every other argument of the call by name), positional ones included
+    (GPT-2 passes its mask positionally), with the key/value cache switched off."""
+    try:
+        bound = inspect.signature(block.forward).bind(*args, **kwargs).arguments
+    except (TypeError, ValueError):
+        bound = dict(kwargs, **({"hidden_states": args[0]} if args else {}))
+    named, hidden = {}, None
+    params = inspect.signature(block.forward).parameters
+    for key, value in bound.items():
+        kind = params[key].kind if key in params else None
+        if hidden is None and kind is not inspect.Parameter.VAR_KEYWORD:
+            hidden = value
+        elif kind is inspect.Parameter.VAR_KEYWORD:
+            named.update(value)
+        elif kind is inspect.Parameter.VAR_POSITIONAL:
+            raise ValueError(f"{type(block).__name__} takes *{key}: its inputs cannot be replayed")
+        else:
+            named[key] = value
+    for key in _CACHE_ARGS:
+        if key in named:
+            named[key] = None
+    if "use_cache" in named or "use_cache" in params:
+        named["use_cache"] = False
+    return hidden, named
+
+
+def _input_groups(inputs: dict[str, list[torch.Tensor]]) -> list[list[str]]:
+    """Module names grouped by identical input (same tensor, or equal values), in call order;
+    a module called more than once stays alone."""
+    groups: list[tuple[torch.Tensor | None, list[str]]] = []
+    for name, seen in inputs.items():
+        x = seen[0] if len(seen) == 1 else None
+        for rep, names in groups:
+            if x is not None and rep is not None and (
+                    rep is x or (rep.shape == x.shape and rep.dtype == x.dtype and torch.equal(rep, x))):
+                names.append(name)
+                break
+        else:
+            groups.append((x, [name]))
+    return [names for _, names in groups]
+
+
+@torch.no_grad()
+def _dense_pass(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor,
+                device: torch.device, discover: bool) -> dict:
+    """One dense forward of ``ids`` through every block, each block visiting ``device``:
+    -> block -> the arguments the model passed to it. With ``discover``, the blocks' layers
+    are hooked to record which of them read the same input (into ``_INPUT_GROUPS``)."""
+    blocks = list(adapter.blocks(model))
+    index = {id(b): i for i, b in enumerate(blocks)}
+    order, per_block, homes, handles = [], {}, {}, []
+    seen: dict[str, list[torch.Tensor]] = {}
+
+    def enter(block, args, kwargs):
+        order.append(index[id(block)])
+        homes[block] = next(block.parameters(), torch.empty(0)).device
+        block.to(device)
+        _, named = _named_arguments(block, args, kwargs)
+        per_block[block] = _to(named, device)
+
+    def leave(block, _args, _out):
+        if discover:
+            _INPUT_GROUPS[block] = _input_groups(seen)
+            seen.clear()
+        block.to(homes[block])
+        if index[id(block)] == len(blocks) - 1:
+            raise _StopForward
+
+    def record(name):
+        return lambda _m, inputs, _out: seen.setdefault(name, []).append(inputs[0])
+
+    for block in blocks:
+        handles.append(block.register_forward_pre_hook(enter, with_kwargs=True))
+        handles.append(block.register_forward_hook(leave))
+        if discover:
+            handles += [m.register_forward_hook(record(n)) for n in adapter.matrices(block)
+                        for m in [block.get_submodule(n)]]
+    try:
+        model(input_ids=ids.to(device), use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+        for block, home in homes.items():
+            block.to(home)
+    if order != list(range(len(blocks))):
+        raise ValueError(f"the blocks at {adapter.blocks_path} ran in the order {order[:8]}, not once each "
+                         f"in order: they are not a sequential decoder stack")
+    return per_block
+
+
 @torch.no_grad()
 def capture_block_inputs(
     model: nn.Module, batches: list[torch.Tensor], device: str | torch.device = "cpu",
     storage: str | torch.device | None = None,
-) -> tuple[list[torch.Tensor], dict[int, dict]]:
+) -> tuple[list[torch.Tensor], dict[int, BlockKwargs]]:
     """Run the model up to its first block on each batch of token ids [b, seq].
 
     Returns the first block's inputs (one [b, seq, d] tensor per batch, kept on ``storage``,
-    default ``device``) and the keyword arguments the model passed to it, by batch size
-    (attention mask, position ids, position embeddings; the cache switched off).
-    Only the modules before the first block and the first block visit ``device``.
+    default ``device``) and, by batch size, the keyword arguments the model passes to its
+    blocks (attention masks, position ids, position embeddings; the cache switched off) as a
+    :class:`BlockKwargs`: each block's own, recorded in one dense forward of one batch of
+    that size (blocks of different types get different masks). That forward also records
+    which layers of each block share an input (:meth:`ModelAdapter.linear_groups`).
+    Only the modules before the first block and one block at a time visit ``device``.
     """
     adapter = get_adapter(model)
     blocks = adapter.blocks(model)
+    device = torch.device(device)
     storage = device if storage is None else storage
     moved = adapter.pre_block_modules(model) + [blocks[0]]
     homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
     for m in moved:
         m.to(device)
     inputs: list[torch.Tensor] = []
-    kwargs_by_size: dict[int, dict] = {}
+    kwargs_by_size: dict[int, BlockKwargs] = {}
 
-    def hook(_module, args, kwargs):
-        hidden = args[0] if args else kwargs["hidden_states"]
+    def hook(block, args, kwargs):
+        hidden, _ = _named_arguments(block, args, kwargs)
         inputs.append(hidden.to(storage))
-        size = hidden.shape[0]
-        if size not in kwargs_by_size:
-            kept = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-            kept.update(past_key_values=None, use_cache=False)
-            kwargs_by_size[size] = _to(kept, device)
         raise _StopForward
 
-    handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
     try:
+        handle = blocks[0].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            for ids in batches:
+                try:
+                    model(input_ids=ids.to(device), use_cache=False)
+                except _StopForward:
+                    pass
+        finally:
+            handle.remove()
         for ids in batches:
-            try:
-                model(input_ids=ids.to(device), use_cache=False)
-            except _StopForward:
-                pass
+            size = ids.shape[0]
+            if size not in kwargs_by_size:
+                per_block = _dense_pass(model, adapter, ids, device, discover=not kwargs_by_size)
+                kwargs_by_size[size] = BlockKwargs(per_block[blocks[0]], per_block)
     finally:
-        handle.remove()
         for m, home in zip(moved, homes):
             m.to(home)
     return inputs, kwargs_by_size
