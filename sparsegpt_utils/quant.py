@@ -200,7 +200,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 #
 # Per layer [rows, cols], stored as:
 #   values      each kept weight's code at its row's width b_r (pruned weights store no code);
-#   mask        1 bit per weight (a bitmap), only when some weight is pruned (kept is given);
+#   mask        1 bit per weight (a bitmap), only when some weight of the layer is pruned: a
+#               layer that keeps every weight stores no mask;
 #   scales      ``scale_bits`` (fp16: 16) per grid, one grid per row or per group of columns;
 #   zero points one integer per grid at the row's width b_r (asymmetric grids only: a symmetric
 #               grid's zero point is fixed at 2**(b-1) and not stored);
@@ -235,8 +236,9 @@ def row_storage_bits(
     bits: int or int [rows], each row's width. cols: input columns. groupsize: columns per
     grid (None: one grid per row). kept: None when nothing is pruned, else the number of kept
     weights per row (tensor [rows] or one number for every row; may be fractional when it is
-    an estimate). map_bits: width-map bits per row (default: :func:`width_map_bits` of
-    ``bits``). rows: needed only when ``bits`` is an int.
+    an estimate); counts that keep every weight of every row mean nothing is pruned.
+    map_bits: width-map bits per row (default: :func:`width_map_bits` of ``bits``). rows:
+    needed only when ``bits`` is an int.
     """
     if not torch.is_tensor(bits):
         if rows is None:
@@ -247,6 +249,8 @@ def row_storage_bits(
         raise ValueError(f"groupsize must be a positive integer or None, got {groupsize}")
     grids = 1 if groupsize is None else -(-cols // groupsize)
     map_bits = width_map_bits(bits) if map_bits is None else map_bits
+    if kept is not None and bool((torch.as_tensor(kept, dtype=torch.float64) >= cols).all()):
+        kept = None  # every weight kept: no mask is stored
     if kept is None:
         values, mask = cols * b, 0
     else:
