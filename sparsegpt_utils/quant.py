@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 __all__ = [
@@ -172,26 +173,41 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, Q
     return out.to(weight.dtype), grid
 
 
-def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack non-negative integer codes (< 2**bits) into a flat uint8 tensor, LSB first."""
-    flat = codes.flatten().to(torch.int64)
-    if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= 2 ** bits):
+def pack_bits(codes: torch.Tensor | np.ndarray, bits: int) -> torch.Tensor:
+    """Pack non-negative integer codes (< 2**bits) into a flat uint8 tensor, LSB first.
+
+    ``bits`` 0..16 (0 packs nothing). Computed in numpy on uint8 bit planes, or by shift and
+    add when whole codes fit a byte, so packing a large layer costs little memory."""
+    v = np.ascontiguousarray(codes.cpu().numpy() if torch.is_tensor(codes) else codes).reshape(-1)
+    v = v.astype(np.int64, copy=False)
+    if not 0 <= bits <= 16:
+        raise ValueError(f"bits must be in [0, 16], got {bits}")
+    if v.size and (int(v.min()) < 0 or int(v.max()) >= 2 ** bits):
         raise ValueError(f"codes do not fit in {bits} bits")
-    shifts = torch.arange(bits, dtype=torch.int64, device=flat.device)
-    bitplane = ((flat[:, None] >> shifts) & 1).flatten()
-    pad = (-bitplane.numel()) % 8
-    if pad:
-        bitplane = torch.cat([bitplane, bitplane.new_zeros(pad)])
-    weights = (1 << torch.arange(8, dtype=torch.int64, device=flat.device))
-    return (bitplane.view(-1, 8) * weights).sum(1).to(torch.uint8)
+    if bits == 0 or v.size == 0:
+        return torch.zeros(0, dtype=torch.uint8)
+    if 8 % bits == 0:  # whole codes per byte: shift and add
+        per = 8 // bits
+        v = np.concatenate([v, np.zeros((-v.size) % per, dtype=np.int64)]).reshape(-1, per)
+        return torch.from_numpy((v << (np.arange(per) * bits)).sum(1).astype(np.uint8))
+    planes = ((v[:, None] >> np.arange(bits)) & 1).astype(np.uint8)
+    return torch.from_numpy(np.packbits(planes.reshape(-1), bitorder="little"))
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
-    """Inverse of :func:`pack_bits`: ``count`` codes as int64."""
-    shifts = torch.arange(8, dtype=torch.int64, device=packed.device)
-    bitplane = ((packed.to(torch.int64)[:, None] >> shifts) & 1).flatten()[: count * bits]
-    weights = (1 << torch.arange(bits, dtype=torch.int64, device=packed.device))
-    return (bitplane.view(count, bits) * weights).sum(1)
+    """Inverse of :func:`pack_bits`: ``count`` codes as int64 [count]. Raises ValueError when
+    ``packed`` holds fewer than ``count * bits`` bits."""
+    if bits == 0 or count == 0:
+        return torch.zeros(count, dtype=torch.int64)
+    data = packed.cpu().numpy().reshape(-1)
+    if data.size * 8 < count * bits:
+        raise ValueError(f"packed array of {data.size} bytes is too short for {count} × {bits} bits")
+    if 8 % bits == 0:
+        per = 8 // bits
+        out = (data.astype(np.int64)[:, None] >> (np.arange(per) * bits)) & ((1 << bits) - 1)
+        return torch.from_numpy(np.ascontiguousarray(out.reshape(-1)[:count]))
+    planes = np.unpackbits(data, count=count * bits, bitorder="little").reshape(count, bits)
+    return torch.from_numpy((planes.astype(np.int64) << np.arange(bits)).sum(1))
 
 
 # ---------------------------------------------------------------------------------------------

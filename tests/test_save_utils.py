@@ -11,11 +11,13 @@ import numpy as np
 import pytest
 import torch
 
-from sparsegpt_utils import save_utils
+from sparsegpt_utils import checkpoint as checkpoint_module
+from sparsegpt_utils import codec
 from sparsegpt_utils.evaluate import perplexity
+from sparsegpt_utils.mixed_precision import FixedWidths
 from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
-from sparsegpt_utils.quant import QuantSpec, rtn_quantize
+from sparsegpt_utils.quant import QuantSpec, pack_bits, rtn_quantize, unpack_bits
 from sparsegpt_utils.save_utils import (
     CheckpointError,
     checkpoint_bytes,
@@ -102,14 +104,16 @@ def rice_reference(mask_flat: np.ndarray, k: int) -> tuple[list[int], list[int]]
 
 
 @pytest.mark.parametrize("bits", list(range(1, 17)))
-def test_packing_gives_the_bytes_of_quant_pack_bits(bits):
-    from sparsegpt_utils.quant import pack_bits, unpack_bits
-
+def test_bit_packing_is_lsb_first_and_round_trips(bits):
     codes = torch.randint(0, 2**bits, (1001,), generator=torch.Generator().manual_seed(bits))
-    packed = save_utils._pack(codes.numpy(), bits)
+    packed = pack_bits(codes.numpy(), bits)
     assert torch.equal(packed, pack_bits(codes, bits))
-    assert np.array_equal(save_utils._unpack(packed, bits, 1001), unpack_bits(packed, bits, 1001).numpy())
-    assert np.array_equal(save_utils._unpack(packed, bits, 1001), codes.numpy())
+    assert packed.numel() == math.ceil(1001 * bits / 8)
+    # LSB first: code i's bit j is bit (i * bits + j) of the stream
+    stream = np.unpackbits(packed.numpy(), bitorder="little")
+    assert all(stream[i * bits + j] == (int(codes[i]) >> j) & 1
+               for i in (0, 1, 500, 1000) for j in range(bits))
+    assert np.array_equal(unpack_bits(packed, bits, 1001).numpy(), codes.numpy())
 
 
 @pytest.mark.parametrize("density", [0.0, 0.02, 0.1, 0.5, 1.0])
@@ -117,13 +121,13 @@ def test_rice_code_matches_reference_and_round_trips(density):
     rng = np.random.default_rng(1)
     mask = rng.random((37, 53)) < density
     mask[0, 0] = mask[-1, -1] = density > 0  # slots at both ends
-    k = save_utils._rice_best(np.diff(np.flatnonzero(mask), prepend=-1) - 1)[0] if mask.any() else 0
-    unary, low, length = save_utils._rice_encode(mask.reshape(-1), k)
+    k = codec.rice_best(np.diff(np.flatnonzero(mask), prepend=-1) - 1)[0] if mask.any() else 0
+    unary, low, length = codec.rice_encode(mask.reshape(-1), k)
     ref_unary, ref_low = rice_reference(mask.reshape(-1), k)
     assert length == len(ref_unary)
     assert np.unpackbits(unary.numpy(), count=length, bitorder="little").tolist() == ref_unary
-    assert save_utils._unpack(low, k, len(ref_low)).tolist() == ref_low
-    back = save_utils._rice_decode(unary, low, k, length, int(mask.sum()), mask.size)
+    assert unpack_bits(low, k, len(ref_low)).tolist() == ref_low
+    back = codec.rice_decode(unary, low, k, length, int(mask.sum()), mask.size)
     assert np.array_equal(back, mask.reshape(-1))
 
 
@@ -131,8 +135,8 @@ def test_rice_parameter_is_the_best_one():
     rng = np.random.default_rng(2)
     for density in (0.01, 0.05, 0.1, 0.3, 0.6):
         gaps = np.diff(np.flatnonzero(rng.random(20000) < density), prepend=-1) - 1
-        best = min(save_utils._rice_bits(gaps, k) for k in range(16))
-        assert save_utils._rice_best(gaps)[1] == best
+        best = min(codec.rice_bits(gaps, k) for k in range(16))
+        assert codec.rice_best(gaps)[1] == best
 
 
 @pytest.mark.parametrize("n,m", [(2, 4), (1, 4), (4, 8), (3, 8)])
@@ -141,26 +145,26 @@ def test_nm_code_round_trips_and_pads_short_groups(n, m):
     score = torch.from_numpy(rng.random((16, 64)))
     mask = magnitude_mask(score, nm=(n, m)).numpy()
     mask[0, :m] = False  # a group with nothing kept: padded with n zero-valued slots
-    plan = save_utils._choose_slots(mask, np.full(16, 16))
+    plan = codec.choose_slots(mask, np.full(16, 16))
     assert plan["mask"] == "nm" and plan["nm"] == [n, m]
     slots = plan["slots"]
     assert (slots | ~mask).all() and (slots.reshape(16, -1, m).sum(-1) == n).all()
-    tensors, fields = save_utils._encode_slots(plan)
+    tensors, fields = codec.encode_slots(plan)
     index_bits = math.ceil(math.log2(math.comb(m, n)))
     assert tensors["nm_index"].numel() == math.ceil(16 * 64 // m * index_bits / 8)
     info = {"shape": [16, 64], "mask": "nm", **fields, "slots": int(slots.sum())}
-    assert np.array_equal(save_utils._decode_slots(info, tensors), slots.reshape(-1))
+    assert np.array_equal(codec.decode_slots(info, tensors), slots.reshape(-1))
 
 
 def test_bitmask_round_trips_and_cheapest_form_is_chosen():
     rng = np.random.default_rng(4)
     mask = rng.random((32, 48)) < 0.5
-    plan = save_utils._choose_slots(mask, np.full(32, 16))
+    plan = codec.choose_slots(mask, np.full(32, 16))
     assert plan["mask"] == "bitmask"
-    tensors, fields = save_utils._encode_slots(plan)
+    tensors, fields = codec.encode_slots(plan)
     info = {"shape": [32, 48], "mask": "bitmask", **fields, "slots": int(mask.sum())}
-    assert np.array_equal(save_utils._decode_slots(info, tensors), mask.reshape(-1))
-    assert save_utils._choose_slots(rng.random((32, 48)) < 0.05, np.full(32, 16))["mask"] == "rice"
+    assert np.array_equal(codec.decode_slots(info, tensors), mask.reshape(-1))
+    assert codec.choose_slots(rng.random((32, 48)) < 0.05, np.full(32, 16))["mask"] == "rice"
 
 
 # --- round trips ------------------------------------------------------------------------------
@@ -233,9 +237,9 @@ def test_sparsegpt_with_mixed_precision_grids_round_trips(tmp_path):
     """The pipeline's own masks and grids (GPTQ-style, groups of 16, 3/4-bit rows) load exactly."""
     model = tiny_llama()
     calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
-    row_bits = lambda _n, w, _h: torch.tensor([3, 4])[torch.arange(w.shape[0]) % 2]
+    widths = FixedWidths(lambda _n, w, _h: torch.tensor([3, 4])[torch.arange(w.shape[0]) % 2])
     result = prune_model(model, calib, PruneConfig(density=0.5, quant=QuantSpec(4, groupsize=16),
-                                                   row_bits=row_bits), progress=False)
+                                                   bit_allocator=widths), progress=False)
     manifest = save_pruned(model, tmp_path / "ck", masks=result.masks, grids=result.grids,
                            dtype=torch.float32, progress=False)
     assert all(i["values"] == "codes" and i["wbits"] == "mixed" for i in manifest["layers"].values())
@@ -409,7 +413,7 @@ def test_interrupted_save_keeps_the_earlier_checkpoint(tmp_path, monkeypatch):
     def crash(*_a, **_k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(save_utils, "_sha256", crash)  # dies after writing the data files
+    monkeypatch.setattr(checkpoint_module, "sha256_file", crash)  # dies after writing the data files
     with pytest.raises(KeyboardInterrupt):
         save_pruned(other, tmp_path / "ck", dtype="float32", progress=False)
     monkeypatch.undo()
