@@ -1,8 +1,14 @@
 """Figures and tables for the notebooks (matplotlib; PNG/SVG written atomically).
 
-Every figure function takes a results DataFrame (:func:`sweep.load_results`) and returns a
-``matplotlib.figure.Figure``; where the data for a panel is absent the panel says so instead of
-failing, and :func:`missing_families` names what is absent.
+Every figure function takes a results DataFrame (:func:`sweep.load_results`,
+:func:`load_bench_results`) and returns a ``matplotlib.figure.Figure``; where the data for a
+panel is absent the panel says so instead of failing, and :func:`missing_families` names what is
+absent.
+
+Rows are never merged: a table cell or a point of a curve is one measured row. Rows that differ
+in any setting of the run (:data:`results.RUN_SETTING_KEYS`: calibration, evaluation, pruning
+options) get rows of their own in a table and curves of their own in a figure; rows identical
+in every setting (the same run recorded twice) are shown once, the later record winning.
 """
 
 from __future__ import annotations
@@ -16,16 +22,24 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
+from .paths import project_root
+from .results import RUN_SETTING_KEYS
+from .sweep import add_family
+
 __all__ = [
     "FAMILIES",
+    "BENCH_FILES",
     "missing_families",
     "eval_protocol",
+    "calib_protocol",
     "density_rows",
     "dense_rows",
     "ppl_vs_density",
     "bits_vs_ppl",
     "size_vs_ppl",
     "ppl_table",
+    "protocol_tables",
+    "load_bench_results",
     "testing_figure",
     "save_figure",
 ]
@@ -34,18 +48,29 @@ __all__ = [
 FAMILIES = ("magnitude", "wanda", "sparsegpt", "sparsegpt+finetune", "iterative")
 STYLE = {"magnitude": ("tab:gray", "s"), "wanda": ("tab:orange", "^"), "sparsegpt": ("tab:blue", "o"),
          "sparsegpt+finetune": ("tab:green", "D"), "iterative": ("tab:red", "v")}
+# labels of their own (eval_protocol, calib_protocol), or the axes of a figure
+_LABELLED = {"model", "family", "density", "eval", "eval_windows", "eval_seqlen", "calib",
+             "calib_samples", "seqlen", "seed"}
+_QUANT_SETTINGS = {"nm", "wbits", "groupsize", "target_avg_bits", "bit_method", "allocation",
+                   "importance"}
+# the repository's benchmark tables (bench/): file -> what it measured
+BENCH_FILES = {"bench_prune.csv": "one-shot pruning", "bench_iterative.csv": "iterative pruning",
+               "bench_quant.csv": "quantization"}
 
 
 def _style(family: str, index: int) -> tuple[str, str]:
     return STYLE.get(family, (f"C{(index + 5) % 10}", "x"))
 
 
+def _column(df: pd.DataFrame, name: str) -> pd.Series:
+    return df[name] if name in df else pd.Series(np.nan, index=df.index, dtype=object)
+
+
 def _unquantized(df: pd.DataFrame) -> pd.Series:
-    """Rows with no quantization (wbits absent, empty or >= 16)."""
-    if "wbits" not in df:
-        return pd.Series(True, index=df.index)
-    bits = pd.to_numeric(df["wbits"], errors="coerce")
-    return bits.isna() | (bits >= 16)
+    """Rows with no quantization (wbits absent, empty or >= 16; no target_avg_bits)."""
+    bits = pd.to_numeric(_column(df, "wbits"), errors="coerce")
+    mixed = pd.to_numeric(_column(df, "target_avg_bits"), errors="coerce")
+    return (bits.isna() | (bits >= 16)) & mixed.isna()
 
 
 def _unstructured(df: pd.DataFrame) -> pd.Series:
@@ -54,33 +79,86 @@ def _unstructured(df: pd.DataFrame) -> pd.Series:
     return df["nm"].isna() | (df["nm"].astype(str).isin(["", "None", "nan"]))
 
 
+def _count(value) -> str:
+    number = pd.to_numeric(value, errors="coerce")
+    return "?" if pd.isna(number) else str(int(number))
+
+
+def _text(series: pd.Series) -> pd.Series:
+    return series.astype(object).where(series.notna(), "?").astype(str)
+
+
 def eval_protocol(df: pd.DataFrame) -> pd.Series:
     """How each row's perplexity was measured, as one label: evaluation set, windows and
     tokens per window (``eval_seqlen``, else ``seqlen``), e.g. ``"wikitext2, 8 × 256"``;
     ``all`` where every window counted. Perplexities are comparable only within one label."""
-    def column(name: str) -> pd.Series:
-        return df[name] if name in df else pd.Series(np.nan, index=df.index)
-
-    def count(value) -> str:
-        number = pd.to_numeric(value, errors="coerce")
-        return "?" if pd.isna(number) else str(int(number))
-
-    seqlen = pd.to_numeric(column("eval_seqlen"), errors="coerce").fillna(
-        pd.to_numeric(column("seqlen"), errors="coerce"))
-    windows = pd.to_numeric(column("eval_windows"), errors="coerce")
-    source = column("eval").astype(object).where(column("eval").notna(), "?").astype(str)
-    return pd.Series([f"{s}, {'all' if pd.isna(w) else count(w)} × {count(n)}"
+    seqlen = pd.to_numeric(_column(df, "eval_seqlen"), errors="coerce").fillna(
+        pd.to_numeric(_column(df, "seqlen"), errors="coerce"))
+    windows = pd.to_numeric(_column(df, "eval_windows"), errors="coerce")
+    source = _text(_column(df, "eval"))
+    return pd.Series([f"{s}, {'all' if pd.isna(w) else _count(w)} × {_count(n)}"
                       for s, w, n in zip(source, windows, seqlen, strict=True)],
                      index=df.index, dtype=object)
 
 
+def calib_protocol(df: pd.DataFrame) -> pd.Series:
+    """How each row was calibrated, as one label: calibration text, windows × tokens per window
+    and seed, e.g. ``"wikitext2-valid, 32 × 2048, seed 0"``; ``?`` for what the row does not
+    record."""
+    seed = pd.to_numeric(_column(df, "seed"), errors="coerce")
+    source = _text(_column(df, "calib"))
+    samples, seqlen = _column(df, "calib_samples"), _column(df, "seqlen")
+    return pd.Series([f"{c}, {_count(k)} × {_count(n)}, seed {_count(s)}"
+                      for c, k, n, s in zip(source, samples, seqlen, seed, strict=True)],
+                     index=df.index, dtype=object)
+
+
+def _value_text(value) -> str:
+    if value is None or (isinstance(value, float) and np.isnan(value)):
+        return "–"
+    if isinstance(value, (float, np.floating)) and float(value).is_integer():
+        return str(int(value))
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):g}"
+    return str(value)
+
+
+def _labelled(df: pd.DataFrame) -> pd.DataFrame:
+    """``df`` with its ``eval_protocol`` and ``calib_protocol`` labels."""
+    return df.assign(eval_protocol=eval_protocol(df), calib_protocol=calib_protocol(df))
+
+
+def _distinct(rows: pd.DataFrame, dedup_by: Sequence[str], split_by: Sequence[str],
+              ignore: set[str] = frozenset(), axes: set[str] = frozenset()) -> tuple[pd.DataFrame, list[str]]:
+    """Rows identical in every setting (``dedup_by`` and :data:`results.RUN_SETTING_KEYS`, less
+    those that mean nothing here, ``ignore``) kept once, the later record winning; and the
+    settings (less the plotted ``axes``) that vary within a ``split_by`` group: each of their
+    values is a row of a table or a curve of its own. Those settings come back as text columns
+    ("–" where absent)."""
+    candidates = [c for c in RUN_SETTING_KEYS if c in rows and c not in _LABELLED and c not in ignore]
+    texts = rows.assign(**{c: rows[c].map(_value_text) for c in candidates})
+    keep = ~texts.duplicated(subset=[*dedup_by, *candidates], keep="last")
+    rows, texts = rows[keep], texts[keep]
+    if rows.empty:
+        return rows, []
+    groups = texts.groupby(list(split_by), dropna=False)
+    varying = [c for c in candidates if c not in axes and groups[c].nunique(dropna=False).gt(1).any()]
+    return rows.assign(**{c: texts[c] for c in varying}), varying
+
+
+def _settings_text(row: pd.Series, columns: Sequence[str]) -> str:
+    return ", ".join(f"{c}={row[c]}" for c in columns)
+
+
 def density_rows(df: pd.DataFrame) -> pd.DataFrame:
     """Rows that belong on a ppl-against-density curve: unstructured, not quantized, with a
-    perplexity; with an ``eval_protocol`` column (:func:`eval_protocol`)."""
+    perplexity; with ``eval_protocol`` and ``calib_protocol`` columns."""
     if df.empty or not {"density", "ppl"} <= set(df.columns):
-        return df.iloc[0:0].assign(eval_protocol=pd.Series(dtype=object))
-    keep = _unquantized(df) & _unstructured(df) & df["ppl"].notna() & df["density"].notna()
-    return df[keep].assign(eval_protocol=lambda d: eval_protocol(d))
+        return df.iloc[0:0].assign(eval_protocol=pd.Series(dtype=object),
+                                   calib_protocol=pd.Series(dtype=object))
+    ppl, density = pd.to_numeric(df["ppl"], errors="coerce"), pd.to_numeric(df["density"], errors="coerce")
+    keep = _unquantized(df) & _unstructured(df) & ppl.notna() & density.notna()
+    return _labelled(df[keep].assign(ppl=ppl[keep], density=density[keep]))
 
 
 def dense_rows(df: pd.DataFrame) -> pd.DataFrame:
@@ -101,171 +179,301 @@ def _empty(ax, text: str) -> None:
     ax.set_yticks([])
 
 
-def _models(df: pd.DataFrame) -> list[str]:
-    return sorted(df["model"].dropna().astype(str).unique()) if "model" in df and not df.empty else [""]
+def _with_model(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows.assign(model=_column(rows, "model").astype(object).where(lambda m: m.notna(), "").astype(str))
 
 
-def _dense_ppl(rows: pd.DataFrame) -> float | None:
-    """The dense model's perplexity: rows at density 1, else the rows' ``ppl_dense``."""
-    dense = rows[rows["density"] >= 1]
-    if not dense.empty:
-        return float(dense["ppl"].median())
-    if "ppl_dense" in rows and rows["ppl_dense"].notna().any():
-        return float(pd.to_numeric(rows["ppl_dense"], errors="coerce").median())
-    return None
+def _panels(rows: pd.DataFrame) -> list[tuple[str, pd.DataFrame]]:
+    """(title, rows) per model and evaluation protocol: perplexities measured on different
+    windows are never drawn on one panel. One untitled empty panel when there are no rows."""
+    if rows.empty:
+        return [("", rows)]
+    panels = []
+    for (model, protocol), sub in rows.groupby(["model", "eval_protocol"], sort=True):
+        panels.append((" · ".join(t for t in (model, protocol) if t), sub))
+    return panels
+
+
+def _series(sub: pd.DataFrame, families: Sequence[str], axes: set[str] = frozenset(),
+            ignore: set[str] = frozenset()) -> list[tuple[str, str, int, pd.DataFrame]]:
+    """The curves (or point series) of one panel: one per family, calibration and every other
+    setting that differs (never joining rows of different settings). Returns (family, label,
+    index of the calibration among the panel's, rows) in legend order."""
+    sub, varying = _distinct(sub, ["calib_protocol", "family", "density"], ["calib_protocol", "family"],
+                             ignore=ignore, axes=axes)
+    calibs = sorted(set(sub["calib_protocol"]))
+    present = [f for f in families if f in set(sub["family"])]
+    present += sorted(set(sub["family"].dropna().astype(str)) - set(present))
+    out = []
+    for family in present:
+        part = sub[sub["family"].astype(str) == family]
+        own = [c for c in varying if part[c].nunique(dropna=False) > 1]  # what tells its curves apart
+        for key, rows in part.groupby(["calib_protocol", *own], sort=True, dropna=False):
+            key = key if isinstance(key, tuple) else (key,)
+            label = family
+            if len(calibs) > 1:
+                label += f" · calib {key[0]}"
+            if own:
+                label += " · " + _settings_text(rows.iloc[0], own)
+            out.append((family, label, calibs.index(key[0]), rows))
+    return out
+
+
+def _single(values) -> float | None:
+    """The one value of ``values`` (equal up to 1e-6 relative), else None: never a median of
+    different measurements."""
+    v = pd.to_numeric(pd.Series(values), errors="coerce").dropna()
+    if v.empty or (v.max() - v.min()) > 1e-6 * abs(v.max()):
+        return None
+    return float(v.iloc[-1])
+
+
+_LINESTYLES = ("-", "--", "-.", ":")
 
 
 def ppl_vs_density(df: pd.DataFrame, logy: bool = False, families: Sequence[str] = FAMILIES,
                    eval_source: str | None = None) -> plt.Figure:
-    """Perplexity against density (fraction kept), one line per method family, one panel per
-    model and evaluation protocol (:func:`eval_protocol`: rows measured on different windows
-    are never drawn together). The dense model (density 1, any method) ends every line.
-    ``logy`` puts perplexity on a log scale. ``eval_source`` picks one evaluation set."""
-    rows = density_rows(df)
+    """Perplexity against density (fraction kept), one panel per model and evaluation protocol
+    (:func:`eval_protocol`), one line per method family and calibration (:func:`calib_protocol`)
+    and any other setting that differs: a line never joins rows of different settings. A line
+    ends at the dense model (density 1): the ``ppl_dense`` its own rows recorded, else the
+    panel's dense row with its calibration, else the panel's one dense value. ``logy`` puts
+    perplexity on a log scale. ``eval_source`` picks one evaluation set."""
+    rows = _with_model(density_rows(df))
     if eval_source is not None and "eval" in rows:
         rows = rows[rows["eval"] == eval_source]
-    panels = []
-    for model in _models(rows):
-        sub = rows[rows["model"].astype(str) == model] if model else rows
-        panels += [(model, p) for p in sorted(set(sub["eval_protocol"]))] or [(model, "")]
-    fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 3.8), squeeze=False)
-    for ax, (model, protocol) in zip(axes[0], panels, strict=True):
-        sub = rows[rows["model"].astype(str) == model] if model else rows
-        sub = sub[sub["eval_protocol"] == protocol] if protocol else sub
-        dense_ppl = _dense_ppl(sub)
+    panels = _panels(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (title, sub) in zip(axes[0], panels, strict=True):
         drawn = 0
-        present = [f for f in families if f in set(sub.get("family", []))]
-        present += sorted(set(sub.get("family", [])) - set(families) - {np.nan})
-        for i, family in enumerate(present):
-            part = sub[(sub["family"] == family) & (sub["density"] < 1)]
+        dense = sub[sub["density"] >= 1] if len(sub) else sub
+        curves = _series(sub, families, ignore=_QUANT_SETTINGS)
+        for i, (family, label, calib_index, part) in enumerate(curves):
+            part = part[part["density"] < 1].sort_values("density")
             if part.empty:
                 continue
-            curve = part.groupby("density", as_index=False)["ppl"].median().sort_values("density")
-            x, y = list(curve["density"]), list(curve["ppl"])
-            if dense_ppl is not None:
-                x, y = x + [1.0], y + [dense_ppl]
+            end = _single(part["ppl_dense"]) if "ppl_dense" in part else None
+            if end is None:
+                own = dense[dense["calib_protocol"] == part["calib_protocol"].iloc[0]]
+                end = _single(own["ppl"])
+            if end is None:
+                end = _single(dense["ppl"])
+            x, y = list(part["density"]), list(part["ppl"])
+            if end is not None:
+                x, y = x + [1.0], y + [end]
             color, marker = _style(family, i)
-            ax.plot(x, y, marker=marker, color=color, label=family)
+            ax.plot(x, y, marker=marker, color=color, label=label,
+                    ls=_LINESTYLES[calib_index % len(_LINESTYLES)])
             drawn += 1
         if drawn == 0:
-            _empty(ax, f"no pruned results{f' for {model}' if model else ''} yet")
+            _empty(ax, f"no pruned results{f' for {title}' if title else ''} yet")
         else:
-            if dense_ppl is not None:
-                ax.axhline(dense_ppl, color="k", lw=0.8, ls=":", label="dense")
+            values = dense["ppl"] if len(dense) else sub.get("ppl_dense", pd.Series(dtype=float))
+            levels = sorted(set(pd.to_numeric(values, errors="coerce").dropna().round(6)))
+            for level in levels:
+                ax.axhline(level, color="k", lw=0.8, ls=":",
+                           label="dense" if len(levels) == 1 else f"dense {level:.2f}")
             ax.set_yscale("log" if logy else "linear")
             ax.set_xlabel("density (fraction of weights kept)")
             ax.set_ylabel("perplexity" + (" (log scale)" if logy else ""))
-            ax.legend(fontsize=8)
+            ax.legend(fontsize=7)
             ax.grid(alpha=0.3, which="both" if logy else "major")
-        title = " · ".join(t for t in (model, protocol) if t)
         ax.set_title(title or "perplexity against density", fontsize=10)
     fig.tight_layout()
     return fig
 
 
-def bits_vs_ppl(df: pd.DataFrame) -> plt.Figure:
-    """Perplexity against bits per weight (``avg_bits``, else ``wbits``) for quantized runs;
-    one series per family, each point labelled with its density."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    if df.empty or "ppl" not in df or not ({"avg_bits", "wbits"} & set(df.columns)):
-        _empty(ax, "no quantized results yet")
-        return fig
-    bits = pd.to_numeric(df["avg_bits"], errors="coerce") if "avg_bits" in df else pd.Series(np.nan, df.index)
-    if "wbits" in df:
-        bits = bits.fillna(pd.to_numeric(df["wbits"], errors="coerce"))
-    rows = df.assign(bits=bits)[lambda d: d["bits"].notna() & (d["bits"] < 16) & d["ppl"].notna()]
-    if rows.empty:
-        _empty(ax, "no quantized results yet")
-        return fig
-    for i, (family, part) in enumerate(rows.groupby("family", sort=True)):
-        color, marker = _style(str(family), i)
-        ax.scatter(part["bits"], part["ppl"], color=color, marker=marker, label=str(family))
-        if "density" in part:
-            for b, p, d in zip(part["bits"], part["ppl"], part["density"], strict=True):
-                ax.annotate(f"d={d:g}", (b, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    return _finish_ppl_axes(fig, ax, "bits per weight (pruned layers)", "perplexity against bits per weight")
-
-
-def size_vs_ppl(df: pd.DataFrame) -> plt.Figure:
-    """Perplexity against checkpoint size on disk (MB), one series per family; the dense
-    fp16 size as a dotted line."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.8))
-    if df.empty or "size_bytes" not in df or "ppl" not in df:
-        _empty(ax, "no results with a saved checkpoint size yet")
-        return fig
-    rows = df[pd.to_numeric(df["size_bytes"], errors="coerce").notna() & df["ppl"].notna()]
-    if rows.empty:
-        _empty(ax, "no results with a saved checkpoint size yet")
-        return fig
-    for i, (family, part) in enumerate(rows.groupby("family", sort=True)):
-        color, marker = _style(str(family), i)
-        ax.scatter(part["size_bytes"].astype(float) / 1e6, part["ppl"], color=color, marker=marker,
-                   label=str(family))
-    if "dense_size_bytes" in rows:
-        for size in pd.to_numeric(rows["dense_size_bytes"], errors="coerce").dropna().unique():
-            ax.axvline(size / 1e6, color="k", lw=0.8, ls=":")
-    return _finish_ppl_axes(fig, ax, "checkpoint size on disk (MB; dotted: dense fp16)",
-                            "perplexity against size on disk")
-
-
-def _finish_ppl_axes(fig: plt.Figure, ax, xlabel: str, title: str) -> plt.Figure:
-    """The common finish of the scatter figures: log perplexity, legend, grid, title."""
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel("perplexity")
-    ax.set_yscale("log")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3, which="both")
-    ax.set_title(title)
+def _scatter(df: pd.DataFrame, x: pd.Series, xscale: float, empty: str, xlabel: str, title: str,
+             families: Sequence[str] = FAMILIES) -> plt.Figure:
+    """Perplexity (log) against ``x`` / ``xscale``, one panel per model and evaluation
+    protocol, one series per family, calibration and differing setting; points labelled with
+    their density."""
+    ok = x.notna() & pd.to_numeric(_column(df, "ppl"), errors="coerce").notna()
+    rows = _with_model(_labelled(df[ok].assign(x=x[ok] / xscale, ppl=pd.to_numeric(df.loc[ok, "ppl"]))))
+    panels = _panels(rows)
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4), squeeze=False)
+    for ax, (panel, sub) in zip(axes[0], panels, strict=True):
+        if sub.empty:
+            _empty(ax, empty)
+            ax.set_title(title)
+            continue
+        series = _series(sub, families, axes={"wbits", "target_avg_bits"})
+        for i, (family, label, _, part) in enumerate(series):
+            color, marker = _style(family, i)
+            ax.scatter(part["x"], part["ppl"], color=color, marker=marker, label=label)
+            if "density" in part:
+                for b, p, d in zip(part["x"], part["ppl"], part["density"], strict=True):
+                    ax.annotate(f"d={d:g}", (b, p), fontsize=7, xytext=(3, 3), textcoords="offset points")
+        if "dense_size_bytes" in sub and xscale != 1:
+            for size in pd.to_numeric(sub["dense_size_bytes"], errors="coerce").dropna().unique():
+                ax.axvline(size / xscale, color="k", lw=0.8, ls=":")
+        _finish_ppl_axes(ax, xlabel, f"{title}\n{panel}" if panel else title)
     fig.tight_layout()
     return fig
 
 
+def bits_vs_ppl(df: pd.DataFrame) -> plt.Figure:
+    """Perplexity against bits per weight (``avg_bits``, else ``wbits``) for quantized runs
+    (below 16 bits), one panel per model and evaluation protocol; points labelled with their
+    density."""
+    bits = pd.to_numeric(_column(df, "avg_bits"), errors="coerce").fillna(
+        pd.to_numeric(_column(df, "wbits"), errors="coerce"))
+    return _scatter(df, bits.where(bits < 16), 1.0, "no quantized results yet",
+                    "bits per weight (pruned layers)", "perplexity against bits per weight")
+
+
+def size_vs_ppl(df: pd.DataFrame) -> plt.Figure:
+    """Perplexity against checkpoint size on disk (MB = 10^6 bytes), one panel per model and
+    evaluation protocol; the dense fp16 size as a dotted line."""
+    size = pd.to_numeric(_column(df, "size_bytes"), errors="coerce")
+    return _scatter(df, size, 1e6, "no results with a saved checkpoint size yet",
+                    "checkpoint size on disk (MB; dotted: dense fp16)", "perplexity against size on disk")
+
+
+def _finish_ppl_axes(ax, xlabel: str, title: str) -> None:
+    """The common finish of the scatter figures: log perplexity, legend, grid, title."""
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("perplexity")
+    ax.set_yscale("log")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3, which="both")
+    ax.set_title(title, fontsize=10)
+
+
 def ppl_table(df: pd.DataFrame, families: Sequence[str] = FAMILIES) -> pd.DataFrame:
-    """The paper's table: perplexity by (model, evaluation protocol, density) × family,
-    unstructured and unquantized rows only (median where a cell has several). Rows measured
-    on different windows (:func:`eval_protocol`) never share a row of the table."""
+    """The paper's table: perplexity by (model, evaluation protocol, calibration, any other
+    setting that differs, density) × family, unstructured and unquantized rows only. Each cell
+    is one measured row: rows that differ in any setting (:data:`results.RUN_SETTING_KEYS`) have
+    rows of their own, never a median. The dense model's ``ppl_dense`` recorded beside pruned runs fills
+    a ``dense`` column at density 1 where the runs of a row agree on it."""
     rows = density_rows(df)
     if rows.empty:
         return pd.DataFrame()
-    index = [c for c in ("model", "eval_protocol", "density") if c in rows]
-    table = rows.pivot_table(index=index, columns="family", values="ppl", aggfunc="median")
+    base = [c for c in ("model",) if c in rows] + ["eval_protocol", "calib_protocol"]
+    rows = _with_model(rows) if "model" in rows else rows
+    rows, varying = _distinct(rows, [*base, "family", "density"], [*base, "family"], ignore=_QUANT_SETTINGS)
+    index = [*base, *varying, "density"]
+    table = rows.pivot(index=index, columns="family", values="ppl")
     order = [f for f in families if f in table.columns] + sorted(set(table.columns) - set(families))
     table = table[order]
-    if "ppl_dense" in rows and rows["ppl_dense"].notna().any() and len(index) > 1:
-        # the dense model's perplexity, as recorded beside each pruned run, as a density-1 row
-        dense = rows.groupby(index[:-1])["ppl_dense"].median().dropna()
-        for key, value in dense.items():
-            key = key if isinstance(key, tuple) else (key,)
-            if (*key, 1.0) not in table.index:
-                table.loc[(*key, 1.0), :] = np.nan
-            table.loc[(*key, 1.0), "dense"] = value
-        table = table[[c for c in ["dense", *order] if c in table.columns]]
+    if "ppl_dense" in rows and rows["ppl_dense"].notna().any():
+        for key, part in rows.groupby(index[:-1], sort=False, dropna=False):
+            value = _single(part["ppl_dense"])
+            if value is None:
+                continue
+            at = (*(key if isinstance(key, tuple) else (key,)), 1.0)
+            if at not in table.index:
+                table.loc[at, :] = np.nan
+            if "dense" not in table or pd.isna(table.loc[at, "dense"]):
+                table.loc[at, "dense"] = value
+    table = table[[c for c in ["dense", *(o for o in order if o != "dense")] if c in table.columns]]
     table = table.sort_index(ascending=[True] * (len(index) - 1) + [False])
     table.columns.name = None
-    return table.reset_index()
+    table = table.reset_index()
+    table.insert(table.columns.get_loc("density") + 1, "sparsity", (1 - table["density"]).round(6))
+    return table
+
+
+def protocol_tables(df: pd.DataFrame, families: Sequence[str] = FAMILIES) -> dict[str, pd.DataFrame]:
+    """:func:`ppl_table` split by protocol: one table per (model, evaluation protocol,
+    calibration), titled ``"<model> · eval <protocol> · calib <protocol>"``, without those
+    columns. Perplexities in one table were measured on the same windows after the same
+    calibration."""
+    table = ppl_table(df, families)
+    if table.empty:
+        return {}
+    keys = [c for c in ("model", "eval_protocol", "calib_protocol") if c in table]
+    out = {}
+    for key, part in table.groupby(keys, sort=True):
+        key = key if isinstance(key, tuple) else (key,)
+        named = dict(zip(keys, key, strict=True))
+        title = " · ".join(t for t in (named.get("model"), f"eval {named['eval_protocol']}",
+                                       f"calib {named['calib_protocol']}") if t)
+        part = part.drop(columns=keys).dropna(axis=1, how="all").reset_index(drop=True)
+        out[title] = part
+    return out
+
+
+def load_bench_results(folder: str | Path | None = None) -> pd.DataFrame:
+    """The repository's benchmark tables (:data:`BENCH_FILES` in ``folder``, default
+    ``<project>/results``) as result rows: a ``bench`` column (what the file measured), a
+    ``family``, ``sparsity`` = 1 − density, and the result-row names where a file uses its own
+    (in ``bench_quant.csv``, ``method`` is the bit allocation, ``kind`` the quantizer and
+    ``bits_asked`` the width or average asked for). Files that are absent add no rows; with none,
+    an empty table with the usual columns."""
+    folder = Path(folder) if folder is not None else project_root() / "results"
+    frames = []
+    for name, what in BENCH_FILES.items():
+        path = folder / name
+        if not path.is_file():
+            continue
+        df = pd.read_csv(path)
+        if name == "bench_quant.csv" and "kind" in df:
+            df = _quant_bench_rows(df)
+        if {"method", "ppl"} <= set(df.columns) and len(df):
+            frames.append(df.assign(bench=what))
+    if not frames:
+        return add_family(pd.DataFrame(columns=["bench", "model", "method", "density", "sparsity", "ppl"]))
+    df = add_family(pd.concat(frames, ignore_index=True))
+    df["density"] = pd.to_numeric(df["density"], errors="coerce")
+    df["sparsity"] = (1 - df["density"]).round(6)
+    return df
+
+
+_QUANTIZERS = {"none": "fp16", "rtn": "RTN", "gptq": "GPTQ", "mixed": "GPTQ mixed",
+               "global": "GPTQ mixed, global"}
+
+
+def _quant_bench_rows(df: pd.DataFrame) -> pd.DataFrame:
+    """The quantization benchmark's rows in the result rows' names: ``method`` is the pipeline
+    (``sparsegpt``: SparseGPT with GPTQ, at density 1 GPTQ alone; ``rtn``: round-to-nearest, below
+    density 1 of the SparseGPT-pruned weights; ``dense``: neither), ``family`` the quantizer (the
+    unquantized rows: their method), the uniform width ``wbits`` or the mixed-precision average
+    ``target_avg_bits``, and the bit allocation under ``allocation``."""
+    df = df.rename(columns={"method": "allocation"})
+    kind = df["kind"].astype(str)
+    density = pd.to_numeric(df["density"], errors="coerce")
+    asked = pd.to_numeric(df["bits_asked"], errors="coerce")
+    uniform, mixed = kind.isin(["rtn", "gptq"]), kind.isin(["mixed", "global"])
+    df["method"] = np.where(kind == "rtn", "rtn", np.where((kind == "none") & (density >= 1), "dense",
+                                                          "sparsegpt"))
+    df["family"] = np.where(kind == "none", df["method"], kind.map(_QUANTIZERS).fillna(kind))
+    df["wbits"] = asked.where(uniform)
+    df["target_avg_bits"] = asked.where(mixed)
+    if "groupsize" in df:  # no grid at all without quantization
+        df["groupsize"] = df["groupsize"].where(uniform | mixed)
+    return df
 
 
 def testing_figure(df: pd.DataFrame) -> plt.Figure:
-    """Notebook 3's figure: perplexity (log) against density, one line per evaluation set,
-    and the achieved density of the pruned layers against the target."""
+    """Notebook 3's figure: perplexity (log) against density, one line per evaluation protocol
+    and calibration (never joining checkpoints of different settings), and the achieved
+    density of the pruned layers against the target."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
-    rows = df[df["ppl"].notna()] if not df.empty and "ppl" in df else df
+    ppl = pd.to_numeric(_column(df, "ppl"), errors="coerce")
+    rows = _labelled(df[ppl.notna()]) if not df.empty else df
     if rows.empty:
         _empty(ax1, "no checkpoints evaluated")
     else:
-        for source, part in rows.groupby("eval", sort=True):
+        rows, varying = _distinct(rows, ["eval_protocol", "calib_protocol", "density"],
+                                  ["eval_protocol", "calib_protocol"])
+        calibs = sorted(set(rows["calib_protocol"]))
+        for key, part in rows.groupby(["eval_protocol", "calib_protocol", *varying], sort=True):
+            label = key[0] + (f" · calib {key[1]}" if len(calibs) > 1 else "")
+            if varying:
+                label += " · " + _settings_text(part.iloc[0], varying)
             part = part.sort_values("density")
-            ax1.plot(part["density"], part["ppl"], marker="o", label=str(source))
+            ax1.plot(part["density"], part["ppl"], marker="o", label=label)
         ax1.set_yscale("log")
         ax1.set_xlabel("density (fraction of weights kept)")
         ax1.set_ylabel("perplexity (log scale)")
-        ax1.legend(fontsize=8)
+        ax1.legend(fontsize=7)
         ax1.grid(alpha=0.3, which="both")
     ax1.set_title("perplexity of the saved models")
     if df.empty:
         _empty(ax2, "no checkpoints loaded")
     else:
-        one = df.drop_duplicates("density").sort_values("density")
+        one = df.drop_duplicates("checkpoint" if "checkpoint" in df else "density").sort_values("density")
         ax2.plot([0, 1], [0, 1], color="k", lw=0.8, ls=":", label="target")
         ax2.errorbar(one["density"], one["density_achieved"],
                      yerr=[one["density_achieved"] - one["layer_density_min"],

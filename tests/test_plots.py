@@ -62,8 +62,10 @@ def test_missing_families_and_table():
     assert plots.missing_families(df) == ["wanda", "sparsegpt+finetune", "iterative"]
     assert plots.missing_families(df.iloc[0:0]) == list(plots.FAMILIES)
     table = plots.ppl_table(df)
-    assert list(table.columns) == ["model", "eval_protocol", "density", "magnitude", "sparsegpt"]
+    assert list(table.columns) == ["model", "eval_protocol", "calib_protocol", "density", "sparsity",
+                                   "magnitude", "sparsegpt"]
     assert list(table["density"]) == [1.0, 0.7, 0.5, 0.3]  # dense first, as in the paper
+    assert list(table["sparsity"]) == [0.0, 0.3, 0.5, 0.7]
     assert table.set_index("density").loc[0.5, "sparsegpt"] == 60.0  # not the N:M or quantized row
     assert np.isnan(table.set_index("density").loc[1.0, "magnitude"])
     assert plots.ppl_table(df.iloc[0:0]).empty
@@ -85,10 +87,12 @@ def test_bits_and_size_figures_use_quantized_and_sized_rows():
 
 def test_testing_figure_plots_each_source_and_the_density_check():
     df = pd.DataFrame({"density": [0.5, 0.5, 0.7], "eval": ["wikitext2", "ptb", "wikitext2"],
+                       "eval_windows": 8, "eval_seqlen": 256,
                        "ppl": [40.0, 60.0, 30.0], "density_achieved": [0.5, 0.5, 0.7],
                        "layer_density_min": [0.49, 0.49, 0.69], "layer_density_max": [0.51, 0.51, 0.71]})
     fig = plots.testing_figure(df)
-    assert _lines(fig.axes[0]) == {"ptb": ([0.5], [60.0]), "wikitext2": ([0.5, 0.7], [40.0, 30.0])}
+    assert _lines(fig.axes[0]) == {"ptb, 8 × 256": ([0.5], [60.0]),
+                                   "wikitext2, 8 × 256": ([0.5, 0.7], [40.0, 30.0])}
     assert "no checkpoints" in plots.testing_figure(pd.DataFrame()).axes[0].texts[0].get_text()
 
 
@@ -112,7 +116,7 @@ def test_dense_perplexity_recorded_beside_pruned_runs_ends_curves_and_fills_the_
     lines = _lines(plots.ppl_vs_density(df).axes[0])
     assert lines["sparsegpt"][0][-1] == 1.0 and lines["sparsegpt"][1][-1] == 20.0
     table = plots.ppl_table(df).set_index("density")
-    assert list(table.columns[:3]) == ["model", "eval_protocol", "dense"]
+    assert list(table.columns[:5]) == ["model", "eval_protocol", "calib_protocol", "sparsity", "dense"]
     assert table.loc[1.0, "dense"] == 20.0 and np.isnan(table.loc[1.0, "sparsegpt"])
     assert table.loc[0.5, "sparsegpt"] == 60.0
 
@@ -139,3 +143,118 @@ def test_rows_measured_on_different_windows_are_never_compared():
     assert [ax.get_title() for ax in fig.axes] == ["m · wikitext2, 2 × 512", "m · wikitext2, 8 × 256"]
     assert _lines(fig.axes[0])["sparsegpt"][1] == [pytest.approx(50.0), 30.0, pytest.approx(15 / 0.7), 10.0]
     assert _lines(fig.axes[1])["sparsegpt"][1][-1] == 20.0
+
+
+# ------------------------------------------------ rows of different settings are never merged
+
+def _two_calibrations():
+    """The benchmark case: SparseGPT at density 0.1 measured on the same 32 × 2048 windows after
+    two calibrations (32 × 2048 and 8 × 512 windows): 7,188.78 and 3,980.82."""
+    common = {"model": "smollm2-135m", "calib": "wikitext2-valid", "seed": 0, "eval": "wikitext2",
+              "eval_windows": 32, "eval_seqlen": 2048}
+    big, small = {"calib_samples": 32, "seqlen": 2048}, {"calib_samples": 8, "seqlen": 512}
+    rows = [
+        {**common, **big, "method": "dense", "density": 1.0, "ppl": 21.9},
+        {**common, **big, "method": "sparsegpt", "density": 0.1, "ppl": 7188.78},
+        {**common, **big, "method": "sparsegpt", "density": 0.5, "ppl": 41.46},
+        {**common, **big, "method": "wanda", "density": 0.5, "ppl": 49.46},
+        {**common, **small, "method": "sparsegpt", "density": 0.1, "ppl": 3980.82},
+        {**common, **small, "method": "sparsegpt", "density": 0.2, "ppl": 893.68},
+    ]
+    return add_family(pd.DataFrame(rows))
+
+
+def test_table_never_takes_the_median_of_rows_that_differ_in_calibration():
+    table = plots.ppl_table(_two_calibrations())
+    at = table[table["density"] == 0.1].set_index("calib_protocol")["sparsegpt"]
+    assert dict(at) == {"wikitext2-valid, 32 × 2048, seed 0": 7188.78,
+                        "wikitext2-valid, 8 × 512, seed 0": 3980.82}
+    values = table.drop(columns=["density", "sparsity"]).select_dtypes("number").stack().dropna()
+    assert not np.isclose(values, (7188.78 + 3980.82) / 2).any()  # the median nobody measured
+    assert sorted(values) == sorted([21.9, 7188.78, 41.46, 49.46, 3980.82, 893.68])  # each row once
+    tables = plots.protocol_tables(_two_calibrations())
+    assert list(tables) == [
+        "smollm2-135m · eval wikitext2, 32 × 2048 · calib wikitext2-valid, 32 × 2048, seed 0",
+        "smollm2-135m · eval wikitext2, 32 × 2048 · calib wikitext2-valid, 8 × 512, seed 0"]
+    first, second = tables.values()
+    assert list(first.columns) == ["density", "sparsity", "dense", "wanda", "sparsegpt"]
+    assert list(first["sparsegpt"].dropna()) == [41.46, 7188.78]
+    assert list(second.columns) == ["density", "sparsity", "sparsegpt"]  # its own rows only
+    assert list(second["sparsegpt"]) == [893.68, 3980.82]
+
+
+def test_curves_never_join_rows_of_different_calibration():
+    fig = plots.ppl_vs_density(_two_calibrations())
+    assert len(fig.axes) == 1  # one evaluation protocol: one panel, where they are comparable
+    lines = _lines(fig.axes[0])
+    assert lines["sparsegpt · calib wikitext2-valid, 32 × 2048, seed 0"] == ([0.1, 0.5, 1.0],
+                                                                              [7188.78, 41.46, 21.9])
+    assert lines["sparsegpt · calib wikitext2-valid, 8 × 512, seed 0"] == ([0.1, 0.2, 1.0],
+                                                                            [3980.82, 893.68, 21.9])
+    assert "wanda · calib wikitext2-valid, 32 × 2048, seed 0" in lines
+
+
+def test_any_other_differing_setting_gets_its_own_row_and_curve_and_duplicates_show_once():
+    df = _results()
+    other = df[(df["method"] == "sparsegpt") & df["wbits"].isna() & df["nm"].isna() & (df["density"] < 1)]
+    df = pd.concat([df.assign(percdamp=0.01), other.assign(percdamp=0.1, ppl=other["ppl"] + 1),
+                    df.iloc[[0]].assign(percdamp=0.01, ppl=999.0)],  # the same run recorded again
+                   ignore_index=True)
+    table = plots.ppl_table(df)
+    assert "percdamp" in table.columns
+    cells = table.set_index(["percdamp", "density"])["sparsegpt"]
+    assert cells[("0.01", 0.5)] == 60.0 and cells[("0.1", 0.5)] == 61.0
+    assert table.set_index(["percdamp", "density"])["magnitude"][("0.01", 0.3)] == 999.0  # the later record
+    labels = set(_lines(plots.ppl_vs_density(df).axes[0]))
+    assert labels == {"sparsegpt · percdamp=0.01", "sparsegpt · percdamp=0.1", "magnitude", "dense"}
+
+
+def test_dense_perplexities_that_disagree_are_not_averaged():
+    df = _results()
+    df = df[df["density"] < 1]
+    df = df.assign(ppl_dense=np.where(df["method"] == "sparsegpt", 20.0, 22.0))
+    table = plots.ppl_table(df).set_index("density")
+    assert 1.0 not in table.index or "dense" not in table  # 20 and 22 in one row: neither, no median
+    lines = _lines(plots.ppl_vs_density(df).axes[0])
+    assert lines["sparsegpt"][1][-1] == 20.0 and lines["magnitude"][1][-1] == 22.0  # each its own
+
+
+def test_load_bench_results_reads_the_repositorys_benchmarks_by_protocol():
+    df = plots.load_bench_results()
+    assert set(df["bench"]) == {"one-shot pruning", "iterative pruning", "quantization"}
+    known = df["density"].notna()  # an N:M row has none
+    assert (df.loc[known, "sparsity"] == (1 - df.loc[known, "density"]).round(6)).all()
+    quant = df[df["bench"] == "quantization"]
+    assert set(quant["allocation"].dropna()) == {"budget", "quantile"}  # the CSV's `method`
+    assert set(quant["method"]) == {"dense", "rtn", "sparsegpt"}
+    gptq4 = quant[(quant["key"] == "d1.0-gptq4")].iloc[0]
+    assert gptq4["wbits"] == 4 and pd.isna(gptq4["target_avg_bits"]) and gptq4["family"] == "GPTQ"
+    tables = plots.protocol_tables(df)
+    assert len(tables) >= 3  # 32 × 2048 after two calibrations, and the quantization protocol
+    at01 = {title: t.set_index("density").loc[0.1, "sparsegpt"] for title, t in tables.items()
+            if "sparsegpt" in t and 0.1 in set(t["density"])}
+    assert sorted(round(v, 2) for v in at01.values()) == [3980.82, 7188.78]
+    # the unquantized quantization-benchmark rows form their own protocol (16 × 512 windows)
+    quant_table = next(t for title, t in tables.items() if "eval wikitext2, 16 × 512" in title)
+    assert list(quant_table["density"]) == [1.0, 0.5]
+
+
+def test_load_bench_results_with_no_or_some_files(tmp_path):
+    empty = plots.load_bench_results(tmp_path)
+    assert empty.empty and {"bench", "method", "density", "ppl", "family"} <= set(empty.columns)
+    assert plots.ppl_table(empty).empty and plots.protocol_tables(empty) == {}
+    assert "no pruned results" in plots.ppl_vs_density(empty).axes[0].texts[0].get_text()
+    assert "no quantized" in plots.bits_vs_ppl(empty).axes[0].texts[0].get_text()
+    _two_calibrations().to_csv(tmp_path / "bench_prune.csv", index=False)
+    some = plots.load_bench_results(tmp_path)
+    assert set(some["bench"]) == {"one-shot pruning"} and len(some) == 6
+
+
+def test_bits_figure_splits_series_by_setting_and_panels_by_protocol():
+    df = plots.load_bench_results()
+    fig = plots.bits_vs_ppl(df[df["bench"] == "quantization"])
+    assert len(fig.axes) == 1 and "16 × 512" in fig.axes[0].get_title()
+    labels = {c.get_label() for c in fig.axes[0].collections}
+    assert "GPTQ" in labels and "RTN" in labels
+    assert {"GPTQ mixed · allocation=budget, importance=error",
+            "GPTQ mixed · allocation=quantile, importance=five_factor"} <= labels
