@@ -50,6 +50,8 @@ class PruneConfig:
     (learning rate ``reconstruct_lr``) fit the pruned block to the dense block's outputs, masks kept.
     mixed: mixed-precision quantization under a bit budget (needs ``quant``: its groupsize and
     symmetry; the widths come from the budget).
+    act_order: SparseGPT/GPTQ sweep the columns in decreasing ``diag H``, grouped grids fixed
+    before the sweep (see :func:`solver.sparsegpt_solve`).
     """
 
     method: str = "sparsegpt"
@@ -72,6 +74,7 @@ class PruneConfig:
     reconstruct_steps: int = 20
     reconstruct_lr: float = 1e-4
     mixed: MixedPrecisionConfig | None = None
+    act_order: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -293,7 +296,7 @@ def _sparsegpt(config, names, layers, weight, hessian, density, prior_mask):
     def solve(quant):
         return sparsegpt_solve(weight, hessian, density, config.nm, quant, config.blocksize,
                                config.mask_blocksize, config.percdamp, segments=segments,
-                               prior_mask=prior_mask, name="+".join(names))
+                               prior_mask=prior_mask, name="+".join(names), act_order=config.act_order)
 
     res = solve(_row_quant(config, names, layers, hessian))
     refit = _refit_quant(config, names, layers, hessian, res.mask)

@@ -230,6 +230,8 @@ def sparsegpt_solve(
     segments: Sequence[int] | None = None,
     prior_mask: torch.Tensor | None = None,
     name: str | None = None,
+    act_order: bool = False,
+    static_groups: bool | None = None,
 ) -> SolveResult:
     """Prune (and optionally quantize) ``weight`` to minimise ‖WX − ŴX‖² given ``H = 2XXᵀ/n``.
 
@@ -240,6 +242,14 @@ def sparsegpt_solve(
     q/k/v): each segment of rows picks its own mask (and ``density`` may be one per segment),
     which gives exactly the result of solving them one by one. ``prior_mask`` (True = may be
     kept) makes masks only shrink: a weight pruned before is pruned first and stays pruned.
+    ``act_order``: sweep the columns in decreasing ``diag H`` (the most activated inputs first,
+    while the most columns are left to absorb their errors). Masks are then chosen every
+    ``mask_blocksize`` columns of that order; N:M groups stay groups of M consecutive columns
+    of the original order, each group's mask chosen when the sweep first reaches one of its
+    columns, from the current values of all M. ``static_groups`` (default: ``act_order``):
+    with ``quant.groupsize``, every group's grid is fixed before the sweep from the weights as
+    given (the round-to-nearest grid), so the grids do not depend on the sweep order; without
+    it a group's grid is fixed when the sweep reaches the group (needs ``act_order`` off).
     ``name``: the layer, for messages. A weight or Hessian with NaN / inf, or an all-zero
     Hessian (no calibration token reached the layer), is refused with a ValueError; rows the
     mask leaves empty are warned about once.
@@ -264,6 +274,10 @@ def sparsegpt_solve(
         if blocksize % m or cols % m:
             raise ValueError(f"N:M with M={m} needs B ({blocksize}) and columns ({cols}) divisible by M")
     unstructured = nm is None and any(d < 1 for d in densities)
+    static_groups = act_order if static_groups is None else static_groups
+    if act_order and not static_groups and quant is not None and quant.groupsize is not None:
+        raise ValueError("act_order with grouped grids needs static_groups (each group's grid fixed "
+                         "before the sweep), so that a group's columns share one grid")
     check_finite(weight, "weight", name)
     check_finite(hessian, "Hessian", name)
     if not bool(torch.diagonal(hessian).any()):
@@ -278,15 +292,7 @@ def sparsegpt_solve(
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1
     W[:, dead] = 0
-    Hinv, damp = inverse_hessian_factor(H, percdamp)
-    del H
-    hinv_diag = torch.diagonal(Hinv)
-
-    kept = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
     prior = None if prior_mask is None else prior_mask.to(W.device, torch.bool)
-    if prior is not None:
-        kept &= prior
-    losses = torch.zeros(rows, device=W.device)
 
     if quant is not None:
         bits = quant.row_bits(rows, W.device)
@@ -296,6 +302,36 @@ def sparsegpt_solve(
         if group is None:  # one grid per row, fixed before the sweep
             scale, zero = find_params(W, bits, quant.sym, quant.mse)
             scales, zeros = [scale], [zero]
+        elif static_groups:  # every group's grid fixed before the sweep, in the original order
+            for c in range(0, cols, group):
+                sc, ze = find_params(W[:, c:c + group], bits, quant.sym, quant.mse)
+                scales.append(sc)
+                zeros.append(ze)
+            static_scale, static_zero = torch.cat(scales, 1), torch.cat(zeros, 1)
+
+    perm = None
+    if act_order:
+        # the solve runs on the permuted problem (columns of W, rows and columns of H), and
+        # everything is put back in the original order at the end
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+        prior = None if prior is None else prior[:, perm]
+        if nm is not None:
+            # the position in the sweep of each original column, and the N:M group of each position
+            position = torch.argsort(perm)
+            group_of = (perm // m).tolist()
+            members = position.view(-1, m)  # [groups, m]: the positions of each group's columns
+            decided = [False] * (cols // m)
+        if quant is not None and group is not None:
+            group_at = (perm // group).tolist()  # each position's grid
+    Hinv, damp = inverse_hessian_factor(H, percdamp)
+    del H
+    hinv_diag = torch.diagonal(Hinv)
+
+    kept = torch.ones(rows, cols, dtype=torch.bool, device=W.device)
+    if prior is not None:
+        kept &= prior
+    losses = torch.zeros(rows, device=W.device)
 
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -322,17 +358,35 @@ def sparsegpt_solve(
                     kept[r0:r1, col:end] = prune_lowest(seg, round(seg.numel() * (1 - d)))
                 if prior is not None:
                     kept[:, col:end] &= prior[:, col:end]
-            if nm is not None and i % m == 0:
+            if nm is not None and perm is None and i % m == 0:
                 score = W1[i:i + m].T ** 2 / torch.diagonal(Hinv1)[i:i + m][None, :] ** 2
                 kept[:, col:col + m] = nm_mask(score, n, m)
                 if prior is not None:
                     kept[:, col:col + m] &= prior[:, col:col + m]
+            if nm is not None and perm is not None and not decided[group_of[col]]:
+                # the first of its group's columns the sweep reaches: the others are later, so
+                # all M are still unquantized; their current values are those in the block
+                # (W1, up to date) or in W minus this block's updates so far (lazily pending)
+                g = group_of[col]
+                decided[g] = True
+                pos = members[g]
+                cur = W[:, pos] - Err1[:i].T @ Hinv[i1:col][:, pos]
+                inside = pos < i2
+                cur[:, inside] = W1[pos[inside] - i1].T
+                score = cur**2 / hinv_diag[pos][None, :] ** 2
+                sel = nm_mask(score, n, m)
+                if prior is not None:
+                    sel &= prior[:, pos]
+                kept[:, pos] = sel
 
             w = W1[i]
             d = Hinv1[i, i]
             q = w * kept[:, col]
             if quant is not None:
-                if group is not None and col % group == 0:
+                if group is not None and static_groups:
+                    g = group_at[col] if perm is not None else col // group
+                    scale, zero = static_scale[:, g:g + 1], static_zero[:, g:g + 1]
+                elif group is not None and col % group == 0:
                     # The group's grid is fixed when the sweep reaches it, from its current
                     # values (kept weights only, where the mask is already known).
                     end = min(col + group, cols)
@@ -353,6 +407,9 @@ def sparsegpt_solve(
         # the same [rows, count] layout as before the transpose: identical matmul
         W[:, i2:] -= Err1.T.contiguous() @ Hinv[i1:i2, i2:]
 
+    if perm is not None:
+        position = torch.argsort(perm)
+        W, kept = W[:, position], kept[:, position]
     kept &= ~dead[None, :]
     W *= kept
     _warn_empty_rows(kept, weight, name)

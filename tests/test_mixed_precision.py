@@ -363,3 +363,22 @@ def test_predicted_mask_is_the_solvers_first_choice(density, nm):
     else:
         assert torch.equal(nm_mask(score, 2, 4), score >= score.view(8, 4, 4).sort(-1).values[..., 2:3]
                            .expand(8, 4, 4).reshape(8, 16))
+
+
+def test_prune_model_with_act_order_and_mixed_precision():
+    calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    weights = {}
+    for act_order in (False, True):
+        model = tiny_llama()
+        config = PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4, 32), mixed=MixedPrecisionConfig(3.0),
+                             act_order=act_order)
+        res = prune_model(model, calib, config, progress=False)
+        for a in res.quant_stats.layers:
+            layer = pruned_linears(model)[a.name]
+            grid, mask = res.grids[a.name], res.masks[a.name]
+            assert torch.equal(grid.bits.cpu(), a.bits)
+            codes = grid.codes(layer.weight.detach())
+            assert bool((codes <= 2 ** a.bits[:, None] - 1).all())
+            assert torch.equal(grid.dequantize(codes) * mask, layer.weight.detach())
+        weights[act_order] = {n: m.weight.detach().clone() for n, m in pruned_linears(model).items()}
+    assert any(not torch.equal(weights[False][n], weights[True][n]) for n in weights[True])

@@ -54,26 +54,63 @@ def test_rtn_error_within_half_a_step():
     assert bool(((q - W).abs() <= scale / 2 + 1e-6).all())
 
 
+@pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("groupsize", [None, 32])
-def test_values_on_an_8bit_grid_come_back_exactly(groupsize):
+def test_values_on_a_grid_come_back_exactly(groupsize, bits):
     rows, cols = 8, 128
+    top = 2**bits - 1
     g = torch.Generator().manual_seed(1)
-    codes = torch.randint(0, 256, (rows, cols), generator=g)
+    codes = torch.randint(0, top + 1, (rows, cols), generator=g)
     G = groupsize or cols
     codes[:, ::G] = 0  # every grid uses its whole range, so min–max finds the same grid
-    codes[:, 1::G] = 255
-    zero = torch.randint(0, 256, (rows, cols // G), generator=g).float()
+    codes[:, 1::G] = top
+    zero = torch.randint(0, top + 1, (rows, cols // G), generator=g).float()
     scale = 2.0 ** -torch.randint(4, 9, (rows, cols // G), generator=g).float()  # exact in float
     idx = torch.arange(cols) // G
     W = scale[:, idx] * (codes.float() - zero[:, idx])
-    q, grid = rtn_quantize(W, QuantSpec(8, groupsize))
+    q, grid = rtn_quantize(W, QuantSpec(bits, groupsize))
     assert torch.equal(q, W)
     assert torch.equal(grid.codes(W), codes)
     assert torch.equal(grid.dequantize(codes), W)
-    # and the joint solver leaves a weight already on the grid untouched
-    H = torch.eye(cols) + 0.1
-    res = sparsegpt_solve(W, H, 1.0, quant=QuantSpec(8, groupsize))
-    assert torch.equal(res.weight, W)
+    # and the joint solver leaves a weight already on the grid untouched, in either sweep
+    # order (uneven diag H: act-order really permutes the columns)
+    H = torch.eye(cols) * torch.linspace(0.5, 3, cols).flip(0)[torch.randperm(cols, generator=g)] + 0.1
+    for act_order in (False, True):
+        res = sparsegpt_solve(W, H, 1.0, quant=QuantSpec(bits, groupsize), act_order=act_order)
+        assert torch.equal(res.weight, W), act_order
+        assert torch.equal(res.grid.scale, grid.scale) and torch.equal(res.grid.zero, grid.zero)
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5])
+@pytest.mark.parametrize("bits", [3, torch.tensor([2, 3, 4, 8] * 6)])
+def test_static_groups_give_the_same_grids_in_either_order(density, bits):
+    W, _, H = layer(rows=24, cols=256, seed=4)
+    spec = QuantSpec(bits, 64)
+    plain = sparsegpt_solve(W, H, density, quant=spec, static_groups=True)
+    act = sparsegpt_solve(W, H, density, quant=spec, act_order=True)  # static groups by default
+    _, rtn = rtn_quantize(W, spec)  # static grids are the round-to-nearest grids of the weights
+    for res in (plain, act):
+        assert torch.equal(res.grid.scale, rtn.scale) and torch.equal(res.grid.zero, rtn.zero)
+        assert torch.equal(res.grid.bits, rtn.bits)
+        # every kept weight lies on its group's grid, at its row's width; pruned ones are 0
+        codes = res.grid.codes(res.weight)
+        assert bool((codes <= 2 ** res.grid.bits[:, None] - 1).all())
+        assert torch.equal(res.grid.dequantize(codes) * res.mask, res.weight)
+        assert abs(res.mask.float().mean().item() - density) < 0.01
+    assert not torch.equal(plain.weight, act.weight)  # the order did change the solve
+    with pytest.raises(ValueError, match="static_groups"):
+        sparsegpt_solve(W, H, density, quant=spec, act_order=True, static_groups=False)
+
+
+def test_act_order_lowers_the_gptq_error_where_few_inputs_dominate():
+    W, X, H = layer(rows=64, cols=256, seed=5)
+    X = X * torch.where(torch.rand(256, generator=torch.Generator().manual_seed(0)) < 0.05, 20.0, 1.0)
+    H = 2 * X.T @ X / X.shape[0]
+    err = {}
+    for act_order in (False, True):
+        q = sparsegpt_solve(W, H, 1.0, quant=QuantSpec(3), act_order=act_order).weight
+        err[act_order] = torch.linalg.norm(X @ (W - q).T).item()
+    assert err[True] < 0.9 * err[False], err
 
 
 def test_zero_is_exact_and_pruned_zeros_stay_zero():

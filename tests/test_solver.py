@@ -298,3 +298,41 @@ def test_accumulating_never_waits_for_the_device(monkeypatch):
     for _ in range(3):
         acc.add(torch.randn(4, 8, device=device))
     assert not hasattr(acc, "seconds") and acc.tokens == 12
+
+
+@pytest.mark.parametrize("density,quant", [(0.5, None), (0.7, QuantSpec(4)), (1.0, QuantSpec(3))])
+def test_act_order_is_the_reference_on_the_permuted_problem(density, quant):
+    # act-order = the paper's loop on columns sorted by decreasing diag H, put back in place
+    W, H, _ = random_layer(rows=32, cols=128, seed=8, spread=0.3)
+    perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    assert not torch.equal(perm, torch.arange(128))
+    res = sparsegpt_solve(W, H, density, quant=quant, blocksize=32, mask_blocksize=64, act_order=True)
+    ref_w, ref_mask = reference_sparsegpt(W[:, perm], H[perm][:, perm], density, None, 64, quant=quant)
+    back = torch.argsort(perm)
+    assert torch.equal(res.mask, ref_mask[:, back])
+    assert torch.allclose(res.weight.double(), ref_w[:, back], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("n,m,quant", [(2, 4, None), (4, 8, QuantSpec(4, 32)), (1, 4, QuantSpec(3))])
+def test_act_order_keeps_nm_groups_of_the_original_order(n, m, quant):
+    W, H, X = random_layer(rows=16, cols=128, seed=9)
+    res = sparsegpt_solve(W, H, nm=(n, m), quant=quant, blocksize=32, act_order=True)
+    assert torch.all(res.mask.view(16, -1, m).sum(-1) == n)
+    assert torch.all(res.weight[~res.mask] == 0) and torch.isfinite(res.weight).all()
+    if quant is None:  # still a SparseGPT solve: better than the N:M baselines
+        e_s = output_error(W, res.weight, X)
+        assert e_s < output_error(W, W * magnitude_mask(W, nm=(n, m)), X)
+        assert e_s < output_error(W, W * wanda_mask(W, torch.linalg.norm(X, dim=0), nm=(n, m)), X)
+
+
+def test_act_order_respects_prior_masks_and_segments():
+    W, H, _ = random_layer(rows=32, cols=128, seed=10)
+    first = sparsegpt_solve(W, H, 0.5, act_order=True)
+    second = sparsegpt_solve(first.weight, H, 0.3, prior_mask=first.mask, act_order=True)
+    assert not (second.mask & ~first.mask).any()
+    assert abs(second.mask.float().mean().item() - 0.3) < 0.01
+    stacked = sparsegpt_solve(W, H, [0.5, 0.3], segments=[16, 16], act_order=True)
+    for (r0, r1), d in (((0, 16), 0.5), ((16, 32), 0.3)):
+        alone = sparsegpt_solve(W[r0:r1], H, d, act_order=True)
+        assert torch.equal(stacked.mask[r0:r1], alone.mask)
+        assert torch.allclose(stacked.weight[r0:r1], alone.weight, atol=1e-5)
