@@ -39,6 +39,7 @@ __all__ = [
     "size_vs_ppl",
     "ppl_table",
     "protocol_tables",
+    "quantized_tables",
     "load_bench_results",
     "testing_figure",
     "save_figure",
@@ -58,8 +59,11 @@ BENCH_FILES = {"bench_prune.csv": "one-shot pruning", "bench_iterative.csv": "it
                "bench_quant.csv": "quantization"}
 
 
+_MARKERS = ("x", "P", "*", "h", "<", ">", "d", "p", "X", "8")
+
+
 def _style(family: str, index: int) -> tuple[str, str]:
-    return STYLE.get(family, (f"C{(index + 5) % 10}", "x"))
+    return STYLE.get(family, (f"C{(index + 5) % 10}", _MARKERS[index % len(_MARKERS)]))
 
 
 def _column(df: pd.DataFrame, name: str) -> pd.Series:
@@ -391,6 +395,31 @@ def protocol_tables(df: pd.DataFrame, families: Sequence[str] = FAMILIES) -> dic
                                        f"calib {named['calib_protocol']}") if t)
         part = part.drop(columns=keys).dropna(axis=1, how="all").reset_index(drop=True)
         out[title] = part
+    return out
+
+
+def quantized_tables(df: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The quantized rows (``wbits`` below 16, or a mixed-precision target), one table per
+    (model, evaluation protocol, calibration) titled as in :func:`protocol_tables`: one row per
+    run (identical runs once), by density then bits per weight; columns that are empty in a
+    table are left out."""
+    ppl = pd.to_numeric(_column(df, "ppl"), errors="coerce")
+    rows = df[~_unquantized(df) & ppl.notna()]
+    if rows.empty:
+        return {}
+    rows = _with_model(_labelled(rows))
+    kept, _ = _distinct(rows, ["model", "eval_protocol", "calib_protocol", "family", "density"],
+                        ["model", "eval_protocol", "calib_protocol", "family"])
+    rows = rows.loc[kept.index]  # the values as recorded, not their labels
+    shown = ["family", "method", "density", "sparsity", "nm", "wbits", "target_avg_bits", "groupsize",
+             "allocation", "importance", "bit_method", "avg_bits", "ppl"]
+    out = {}
+    for (model, evalp, calib), part in rows.groupby(["model", "eval_protocol", "calib_protocol"], sort=True):
+        part = part.assign(sparsity=(1 - pd.to_numeric(part["density"], errors="coerce")).round(6))
+        part = part.sort_values(["density", "avg_bits" if "avg_bits" in part else "wbits"],
+                                ascending=[False, True])
+        part = part[[c for c in shown if c in part]].dropna(axis=1, how="all").reset_index(drop=True)
+        out[" · ".join(t for t in (model, f"eval {evalp}", f"calib {calib}") if t)] = part
     return out
 
 

@@ -258,3 +258,19 @@ def test_bits_figure_splits_series_by_setting_and_panels_by_protocol():
     assert "GPTQ" in labels and "RTN" in labels
     assert {"GPTQ mixed · allocation=budget, importance=error",
             "GPTQ mixed · allocation=quantile, importance=five_factor"} <= labels
+
+
+def test_quantized_tables_hold_every_quantized_row_once_per_protocol():
+    df = plots.load_bench_results()
+    tables = plots.quantized_tables(df)
+    assert list(tables) == ["smollm2-135m · eval wikitext2, 16 × 512 · calib wikitext2-valid, 16 × 512, "
+                            "seed 0"]
+    table = next(iter(tables.values()))
+    quant = pd.read_csv(plots.project_root() / "results" / "bench_quant.csv")
+    measured = quant[quant["kind"] != "none"]
+    assert len(table) == len(measured)  # each measured row, none merged
+    assert sorted(table["ppl"]) == sorted(measured["ppl"])
+    assert list(table["density"]) == sorted(table["density"], reverse=True)
+    assert plots.quantized_tables(_results().iloc[0:0]) == {}
+    small = plots.quantized_tables(_results())
+    assert [sorted(t["ppl"]) for t in small.values()] == [[70.0, 300.0]]
