@@ -227,6 +227,11 @@ def _write_folder(directory: Path, markers: tuple[str, ...], fill) -> None:
     tmp = _new_temp(directory)
     try:
         fill(tmp)
+        # some writers (safetensors) make 0600 files: give every file the mode the umask asks
+        umask = _current_umask()
+        for path in tmp.rglob("*"):
+            if not path.is_symlink():
+                os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~umask)
         _swap_in(tmp, directory)
     finally:
         if tmp.exists():
