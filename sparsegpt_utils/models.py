@@ -255,7 +255,9 @@ def _find_blocks(model: nn.Module) -> str:
             continue
         if len({type(m) for m in module}) != 1:
             continue
-        if not any(isinstance(m, nn.Linear) or _is_conv1d(m) for m in module[0].modules()):
+        # in/out features: also the layers sparse inference puts in place of nn.Linear
+        if not any(isinstance(m, nn.Linear) or _is_conv1d(m) or isinstance(getattr(m, "in_features", None), int)
+                   for m in module[0].modules()):
             continue
         key = (sum(p.numel() for p in module.parameters()), len(module))
         if best is None or key > best[0]:

@@ -18,15 +18,21 @@ bf16, sparse tensor cores); layers that cannot be converted stay as they are.
 
 from __future__ import annotations
 
+import statistics
+import time
 import warnings
 
+import numpy as np
 import pandas as pd
 import torch
 from torch import nn
 
+from . import kernels
 from .models import get_adapter
 
 __all__ = [
+    "BitmaskLinear",
+    "HalfLinear",
     "SparseLinear",
     "sparsify_for_inference",
     "densify",
@@ -96,6 +102,164 @@ class SparseLinear(nn.Module):
                 f"bias={self.bias is not None}, density={self.density:.3f}")
 
 
+def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """bool [rows, cols] → int32 [rows, ceil(cols / 32)]: bit b of word w is column 32 w + b."""
+    rows, cols = mask.shape
+    words = -(-cols // 32)
+    padded = np.zeros((rows, words * 32), dtype=bool)
+    padded[:, :cols] = mask.cpu().numpy()
+    packed = np.packbits(padded, axis=1, bitorder="little")  # [rows, words * 4] bytes
+    return torch.from_numpy(packed.view("<u4").astype(np.uint32).view(np.int32).copy())
+
+
+class BitmaskLinear(nn.Module):
+    """``y = x Wᵀ + b`` with ``W`` [out_features, in_features] stored as a bitmask of its kept
+    weights (1 bit per weight) and their values in IEEE fp16, computed in float32.
+
+    One token (decoding) runs the bitmask matrix-vector kernel of :mod:`sparsegpt_utils.kernels`,
+    which reads 2 bytes per kept weight + 1/8 byte per weight instead of 4 bytes per weight.
+    Several tokens (a prompt) decompress the weight into a float32 scratch matrix and multiply
+    it with torch's GEMM: the same products as the dense layer. Weights must be exactly
+    representable in fp16 (as in a model loaded from a compact checkpoint, which stores fp16);
+    then the outputs equal the dense layer's up to float32 summation order.
+    """
+
+    def __init__(self, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, in_features: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = masks.shape[0], in_features
+        self.register_buffer("masks", masks)  # int32 [out, words]
+        self.register_buffer("values", values)  # int16 (fp16 bits) [kept + 32]
+        self.register_buffer("offsets", offsets)  # int64 [out + 1]
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_mask_values(cls, mask: torch.Tensor, values: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> BitmaskLinear:
+        """From a bool mask [out, in] and the kept values in row-major order (any float dtype,
+        exactly representable in fp16) — no dense weight needed."""
+        counts = mask.sum(1, dtype=torch.int64)
+        if int(counts.sum()) != values.numel():
+            raise ValueError(f"mask keeps {int(counts.sum())} weights but {values.numel()} values were given")
+        half = values.detach().reshape(-1).to(torch.float16)
+        if not torch.equal(half.to(values.dtype), values.detach().reshape(-1)):
+            raise ValueError("bitmask layers store fp16 values: these weights are not exactly representable "
+                             "in fp16 (load the model from its compact checkpoint, which stores fp16)")
+        padded = torch.cat([half, torch.zeros(32, dtype=torch.float16)]).view(torch.int16)
+        offsets = torch.zeros(mask.shape[0] + 1, dtype=torch.int64)
+        offsets[1:] = counts.cumsum(0)
+        b = None if bias is None else bias.detach().float().clone()
+        return cls(_pack_mask(mask), padded, offsets, mask.shape[1], b)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> BitmaskLinear:
+        w = linear.weight.detach().cpu()
+        mask = w != 0
+        return cls.from_mask_values(mask, w[mask], linear.bias)
+
+    @property
+    def density(self) -> float:
+        return int(self.offsets[-1]) / (self.in_features * self.out_features)
+
+    @torch.no_grad()
+    def dense_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as a dense float32 [out, in] matrix."""
+        if kernels.available():
+            return kernels.decompress(self.masks, self.values, self.offsets, self.out_features,
+                                      self.in_features, out)
+        bits = torch.from_numpy(np.unpackbits(self.masks.numpy().view(np.uint8), axis=1, bitorder="little"))
+        mask = bits[:, : self.in_features].bool()
+        w = torch.zeros(self.out_features, self.in_features) if out is None else out.zero_()
+        w[mask] = self.values[: int(self.offsets[-1])].view(torch.float16).float()
+        return w
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] == 1 and kernels.available():
+            words = self.masks.shape[1]
+            xp = x2[0] if words * 32 == self.in_features else nn.functional.pad(
+                x2[0], (0, words * 32 - self.in_features))
+            y = kernels.gemv(xp.contiguous(), self.masks, self.values, self.offsets, self.bias,
+                             self.out_features)[None]
+        else:
+            y = nn.functional.linear(x2, _scratch_weight(self), self.bias)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, density={self.density:.3f}, values=fp16+bitmask")
+
+
+_SCRATCH: dict[str, torch.Tensor] = {}
+
+
+def _scratch_weight(layer: BitmaskLinear) -> torch.Tensor:
+    """The layer's dense weight in one float32 buffer shared by all bitmask layers (only one layer
+    runs at a time), so that prompts cost no memory per layer."""
+    need = layer.out_features * layer.in_features
+    buf = _SCRATCH.get("weight")
+    if buf is None or buf.numel() < need:
+        buf = _SCRATCH["weight"] = torch.empty(need, dtype=torch.float32)
+    return layer.dense_weight(buf[:need].view(layer.out_features, layer.in_features))
+
+
+class HalfLinear(nn.Module):
+    """A dense linear layer whose weight is stored in fp16 and computed in float32 (one token:
+    the fp16 matrix-vector kernel, 2 bytes per weight instead of 4; several tokens: torch). For
+    weights exactly representable in fp16, e.g. the ``lm_head`` of a model loaded from a compact
+    checkpoint."""
+
+    def __init__(self, weight16: torch.Tensor, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = weight16.shape
+        self.register_buffer("weight16", weight16)  # int16 bits of fp16 [out, in]
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear) -> HalfLinear:
+        w = linear.weight.detach().cpu()
+        half = w.to(torch.float16)
+        if not torch.equal(half.to(w.dtype), w):
+            raise ValueError("HalfLinear needs weights exactly representable in fp16")
+        return cls(half.view(torch.int16).contiguous(),
+                   None if linear.bias is None else linear.bias.detach().float().clone())
+
+    @property
+    def density(self) -> float:
+        nonzero = (self.weight16 != 0) & (self.weight16 != -32768)  # +0.0 and -0.0
+        return int(nonzero.sum()) / self.weight16.numel()
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight.copy_(self.weight16.view(torch.float16).float())
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, self.in_features).float()
+        if x2.shape[0] == 1 and kernels.available():
+            y = kernels.half_gemv(x2[0].contiguous(), self.weight16)[None]
+            if self.bias is not None:
+                y = y + self.bias
+        else:
+            y = nn.functional.linear(x2, self.weight16.view(torch.float16).float(), self.bias)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+
 def is_nm_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     """True if every group of ``m`` consecutive weights along the input dimension has at most
     ``n`` nonzeros (and the width is a multiple of ``m``)."""
@@ -105,14 +269,18 @@ def is_nm_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return bool(((weight.reshape(rows, cols // m, m) != 0).sum(-1) <= n).all())
 
 
+SPARSE_TYPES = (SparseLinear, BitmaskLinear, HalfLinear)
+KERNELS = ("auto", "bitmask", "csr")
+
+
 def _decoder_linears(model: nn.Module):
     """(parent module, attribute name, full name, module) for every linear-like module of the
-    decoder blocks (nn.Linear or SparseLinear)."""
+    decoder blocks (nn.Linear or a sparse layer)."""
     adapter = get_adapter(model)
     for i, block in enumerate(adapter.blocks(model)):
         for name, parent in block.named_modules():
             for attr, child in parent.named_children():
-                if isinstance(child, (nn.Linear, SparseLinear)):
+                if isinstance(child, (nn.Linear, *SPARSE_TYPES)):
                     full = f"{adapter.blocks_path}.{i}.{name + '.' if name else ''}{attr}"
                     yield parent, attr, full, child
 
@@ -122,36 +290,82 @@ def _is_semi_structured(t: torch.Tensor) -> bool:
     return cls is not None and isinstance(t, cls)
 
 
+def _fp16_exact(w: torch.Tensor) -> bool:
+    return bool(torch.equal(w.to(torch.float16).to(w.dtype), w))
+
+
+def _flush_cache(buffer: torch.Tensor) -> None:
+    buffer.add_(1.0)  # touches more memory than the last-level cache holds
+
+
+@torch.no_grad()
+def decode_seconds(layer: nn.Module, in_features: int, repeats: int = 5,
+                   flush: torch.Tensor | None = None) -> float:
+    """Median seconds of one-token products with ``layer``, each from a cold cache (as in decoding,
+    where every layer's weights come from memory once per token)."""
+    x = torch.randn(1, in_features)
+    times = []
+    for _ in range(repeats):
+        if flush is not None:
+            _flush_cache(flush)
+        t0 = time.perf_counter()
+        layer(x)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _make_sparse(layer: nn.Linear, kernel: str) -> nn.Module:
+    if kernel == "bitmask":
+        return BitmaskLinear.from_linear(layer)
+    return SparseLinear.from_linear(layer)
+
+
 @torch.no_grad()
 def sparsify_for_inference(
-    model: nn.Module, max_density: float = 0.3, semi_structured: bool | str = "auto",
+    model: nn.Module, kernel: str = "auto", max_density: float = 1.0, measure: bool = True,
+    half_dense: bool = False, semi_structured: bool | str = "auto",
 ) -> nn.Module:
     """Convert the pruned linear layers of ``model`` in place to sparse kernels; returns it.
 
-    max_density: a layer whose kept fraction is at most this becomes a CSR
-        :class:`SparseLinear` (dense layers are faster above it); in [0, 1].
-    semi_structured: on CUDA, give 2:4 layers a ``to_sparse_semi_structured`` weight first
+    kernel: ``"bitmask"`` (fp16 values + a 1-bit mask, :class:`BitmaskLinear`: needs weights
+        exactly representable in fp16, as a model loaded from a compact checkpoint has, and the
+        compiled kernels), ``"csr"`` (torch's CSR kernels on float32, :class:`SparseLinear`), or
+        ``"auto"`` (bitmask where possible, else CSR).
+    max_density: only layers keeping at most this fraction are candidates; in [0, 1].
+    measure: time one-token products of each candidate against the dense layer, from a cold
+        cache, and keep whichever is faster (layers of the same shape and density are timed
+        once), so no layer gets slower; False converts every candidate.
+    half_dense: also store the layers that stay dense, and ``lm_head``, in fp16 (computed in
+        float32, :class:`HalfLinear`) where their weights are exactly fp16 — the same numbers,
+        half the bytes read per token. This gain comes from 16-bit storage, not from sparsity.
+    semi_structured: on CUDA, give 2:4 layers a ``to_sparse_semi_structured`` weight
         ("auto": when the model is on CUDA; True: required, an error without CUDA; False: never).
-        Untested without a GPU.
-    Embeddings, norms and ``lm_head`` stay dense.
+    Embeddings and norms stay as they are. ``inference_formats(model)`` lists what each layer became.
     """
     if isinstance(max_density, bool) or not isinstance(max_density, (int, float)) \
             or not 0 <= max_density <= 1:
         raise ValueError(f"max_density must be a number in [0, 1] (kept fraction), got {max_density!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if semi_structured not in (True, False, "auto"):
         raise ValueError(f"semi_structured must be True, False or 'auto', got {semi_structured!r}")
     on_cuda = any(p.is_cuda for p in model.parameters())
     if semi_structured is True and not (on_cuda and hasattr(torch.sparse, "to_sparse_semi_structured")):
         raise ValueError("semi_structured=True needs the model on a CUDA device (2:4 sparse tensor cores)")
+    if kernel == "bitmask" and not kernels.available():
+        raise ValueError(f"kernel='bitmask' needs the compiled CPU kernels: {kernels.build_error()}")
     use_semi = semi_structured is True or (semi_structured == "auto" and on_cuda)
-    for _parent, _attr, name, layer in _decoder_linears(model):
-        w = layer.weight
-        if isinstance(layer, nn.Linear) and w.device.type == "cpu" and w.dtype not in (
+    layers = list(_decoder_linears(model))
+    for _parent, _attr, name, layer in layers:
+        w = layer.weight if isinstance(layer, nn.Linear) else None
+        if w is not None and w.device.type == "cpu" and w.dtype not in (
                 torch.float32, torch.float64):
-            raise ValueError(f"{name}: CSR layers on CPU need float32 or float64 weights (torch.sparse "
-                             f"has no {w.dtype} CPU kernel); convert the model with .float() first")
+            raise ValueError(f"{name}: sparse layers on CPU compute in float32; the model is {w.dtype}: "
+                             "convert it with .float() first")
 
-    for parent, attr, name, layer in list(_decoder_linears(model)):
+    flush = torch.zeros(48 * 2**20 // 4) if measure else None  # 48 MB: more than the L3 cache
+    verdict: dict[tuple, bool] = {}
+    for parent, attr, name, layer in layers:
         if not isinstance(layer, nn.Linear) or _is_semi_structured(layer.weight):
             continue
         w = layer.weight
@@ -163,31 +377,77 @@ def sparsify_for_inference(
             except (RuntimeError, ValueError, TypeError) as err:  # dtype or shape not supported
                 warnings.warn(f"{name}: kept dense, 2:4 semi-structured conversion failed: {err}",
                               RuntimeWarning, stacklevel=2)
+        if w.is_cuda:
+            continue
+        kept = torch.count_nonzero(w).item()
         # within one weight of max_density: a pruned layer's kept count is a rounded fraction
-        if torch.count_nonzero(w).item() <= max_density * w.numel() + 1:
-            setattr(parent, attr, SparseLinear.from_linear(layer))
+        if kept > max_density * w.numel() + 1 or kept == w.numel():
+            continue
+        chosen = kernel
+        if kernel == "auto":
+            chosen = "bitmask" if kernels.available() and _fp16_exact(w) else "csr"
+        sparse = _make_sparse(layer, chosen)
+        if measure:
+            key = (chosen, tuple(w.shape), round(kept / w.numel(), 2))
+            if key not in verdict:
+                dense_s = decode_seconds(layer, layer.in_features, flush=flush)
+                sparse_s = decode_seconds(sparse, layer.in_features, flush=flush)
+                verdict[key] = sparse_s < dense_s
+            if not verdict[key]:
+                continue
+        setattr(parent, attr, sparse)
+    if half_dense and kernels.available():
+        _halve_dense_layers(model)
     return model
+
+
+def _halve_dense_layers(model: nn.Module) -> None:
+    """Every dense nn.Linear of the blocks, and ``lm_head``, → :class:`HalfLinear` where exact."""
+    targets = [(parent, attr, layer) for parent, attr, _n, layer in _decoder_linears(model)
+               if isinstance(layer, nn.Linear) and not _is_semi_structured(layer.weight)]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, nn.Linear):
+        targets.append((model, _output_attr(model, head), head))
+    for parent, attr, layer in targets:
+        if attr is not None and layer.weight.device.type == "cpu" and _fp16_exact(layer.weight.detach()):
+            setattr(parent, attr, HalfLinear.from_linear(layer))
+
+
+def _output_attr(model: nn.Module, head: nn.Module) -> str | None:
+    for attr, child in model.named_children():
+        if child is head:
+            return attr
+    return None
 
 
 @torch.no_grad()
 def densify(model: nn.Module) -> nn.Module:
-    """Undo :func:`sparsify_for_inference` in place: every sparse layer back to a dense
+    """Undo :func:`sparsify_for_inference` in place: every sparse or fp16 layer back to a dense
     ``nn.Linear`` with the same weights; returns the model."""
     for parent, attr, _name, layer in list(_decoder_linears(model)):
-        if isinstance(layer, SparseLinear):
+        if isinstance(layer, SPARSE_TYPES):
             setattr(parent, attr, layer.to_linear())
         elif _is_semi_structured(layer.weight):
             layer.weight = nn.Parameter(layer.weight.to_dense())
+    for parent in [model, *model.modules()]:
+        for attr, child in list(parent.named_children()):
+            if isinstance(child, HalfLinear):
+                setattr(parent, attr, child.to_linear())
     return model
 
 
 def inference_formats(model: nn.Module) -> pd.DataFrame:
-    """One row per decoder linear layer: its storage format (``dense``, ``csr``,
-    ``semi_structured_2:4``), density and sparsity."""
+    """One row per decoder linear layer: its storage format (``dense``, ``fp16``, ``bitmask``,
+    ``csr``, ``semi_structured_2:4``), density and sparsity."""
     rows = []
-    for _parent, _attr, name, layer in _decoder_linears(model):
-        if isinstance(layer, SparseLinear):
-            fmt, density = "csr", layer.density
+    for parent, attr, name, layer in _decoder_linears(model):
+        child = getattr(parent, attr)
+        if isinstance(child, BitmaskLinear):
+            fmt, density = "bitmask", child.density
+        elif isinstance(child, SparseLinear):
+            fmt, density = "csr", child.density
+        elif isinstance(child, HalfLinear):
+            fmt, density = "fp16", child.density
         else:
             w = layer.weight
             semi = _is_semi_structured(w)

@@ -1,0 +1,142 @@
+/* Linear layers stored as a bitmask of kept weights plus their 16-bit values (IEEE fp16),
+ * computed in float32. Row r keeps the weights whose bits are set in masks[r * words ...]
+ * (bit b of word w = column 32 w + b); their values follow one another from values[offsets[r]].
+ * The values array is padded by 32 entries so that a 64-byte load never leaves it.
+ *
+ *   bitmask_gemv:       y[r] = sum_j W[r, j] x[j] (+ bias[r])     one token (decode)
+ *   bitmask_decompress: W as a dense float32 [rows, cols] matrix    for many tokens (prefill)
+ *   half_gemv:          y = W x for a dense fp16 matrix W [rows, cols] (e.g. lm_head)
+ *
+ * x is padded by the caller to words * 32 floats. Built with -march=native: the AVX-512
+ * (BW + BITALG) path where the CPU has it, the portable loop elsewhere. */
+#include <stdint.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BITALG__)
+#include <immintrin.h>
+#define SGPT_AVX512 1
+/* Expand 32 fp16 values into the lanes of a 32-bit mask with a permutation: lane i takes the value
+ * at index popcount(mask & ((1 << i) - 1)). vpexpandw does the same in one instruction, but runs
+ * several times slower on some CPUs (AMD Zen 4, measured); popcounts and vpermw are cheap. */
+static inline __m512i expand16(uint32_t mw, const uint16_t *v) {
+    const __m512i prefix = _mm512_set_epi16(
+        0x7fff, 0x3fff, 0x1fff, 0xfff, 0x7ff, 0x3ff, 0x1ff, 0xff, 0x7f, 0x3f, 0x1f, 0xf, 7, 3, 1, 0,
+        0x7fff, 0x3fff, 0x1fff, 0xfff, 0x7ff, 0x3ff, 0x1ff, 0xff, 0x7f, 0x3f, 0x1f, 0xf, 7, 3, 1, 0);
+    uint16_t lo = (uint16_t)mw, hi = (uint16_t)(mw >> 16);
+    __m512i both = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_set1_epi16((short)lo)),
+                                      _mm256_set1_epi16((short)hi), 1);
+    __m512i idx = _mm512_popcnt_epi16(_mm512_and_si512(both, prefix));
+    idx = _mm512_add_epi16(idx, _mm512_inserti64x4(_mm512_setzero_si512(),
+                                                   _mm256_set1_epi16((short)__builtin_popcount(lo)), 1));
+    return _mm512_maskz_permutexvar_epi16(mw, idx, _mm512_loadu_si512((const void *)v));
+}
+#endif
+
+static inline float half_to_float(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16, exp = (h >> 10) & 0x1fu, man = h & 0x3ffu, bits;
+    if (exp == 0) {
+        if (man == 0) {
+            bits = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do { e++; man <<= 1; } while (!(man & 0x400u));
+            bits = sign | ((uint32_t)(112 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        bits = sign | 0x7f800000u | (man << 13);
+    } else {
+        bits = sign | ((exp + 112) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &bits, sizeof f);
+    return f;
+}
+
+int sgpt_has_avx512(void) {
+#ifdef SGPT_AVX512
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+void bitmask_gemv(const float *x, const uint32_t *masks, const uint16_t *values, const int64_t *offsets,
+                  const float *bias, float *y, int64_t rows, int64_t words, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint32_t *m = masks + r * words;
+        const uint16_t *v = values + offsets[r];
+        float sum;
+#ifdef SGPT_AVX512
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (int64_t w = 0; w < words; ++w) {
+            uint32_t mw = m[w];
+            __m512i ex = expand16(mw, v);
+            __m512 lo = _mm512_cvtph_ps(_mm512_castsi512_si256(ex));
+            __m512 hi = _mm512_cvtph_ps(_mm512_extracti64x4_epi64(ex, 1));
+            acc0 = _mm512_fmadd_ps(lo, _mm512_loadu_ps(x + 32 * w), acc0);
+            acc1 = _mm512_fmadd_ps(hi, _mm512_loadu_ps(x + 32 * w + 16), acc1);
+            v += __builtin_popcount(mw);
+        }
+        sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#else
+        sum = 0.0f;
+        for (int64_t w = 0; w < words; ++w) {
+            uint32_t mw = m[w];
+            while (mw) {
+                int b = __builtin_ctz(mw);
+                sum += half_to_float(*v++) * x[32 * w + b];
+                mw &= mw - 1;
+            }
+        }
+#endif
+        y[r] = bias ? sum + bias[r] : sum;
+    }
+}
+
+void bitmask_decompress(const uint32_t *masks, const uint16_t *values, const int64_t *offsets, float *out,
+                        int64_t rows, int64_t cols, int64_t words, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint32_t *m = masks + r * words;
+        const uint16_t *v = values + offsets[r];
+        float *o = out + r * cols;
+        for (int64_t w = 0; w < words; ++w) {
+            uint32_t mw = m[w];
+            int64_t base = 32 * w, n = cols - base < 32 ? cols - base : 32;
+#ifdef SGPT_AVX512
+            if (n == 32) {
+                __m512i ex = expand16(mw, v);
+                _mm512_storeu_ps(o + base, _mm512_cvtph_ps(_mm512_castsi512_si256(ex)));
+                _mm512_storeu_ps(o + base + 16, _mm512_cvtph_ps(_mm512_extracti64x4_epi64(ex, 1)));
+                v += __builtin_popcount(mw);
+                continue;
+            }
+#endif
+            for (int64_t b = 0; b < n; ++b) o[base + b] = ((mw >> b) & 1u) ? half_to_float(*v++) : 0.0f;
+        }
+    }
+}
+
+void half_gemv(const float *x, const uint16_t *w16, float *y, int64_t rows, int64_t cols, int threads) {
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = 0; r < rows; ++r) {
+        const uint16_t *w = w16 + r * cols;
+        int64_t j = 0;
+        float sum = 0.0f;
+#ifdef SGPT_AVX512
+        __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+        for (; j + 32 <= cols; j += 32) {
+            __m512i h = _mm512_loadu_si512((const void *)(w + j));
+            acc0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(h)), _mm512_loadu_ps(x + j), acc0);
+            acc1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(h, 1)), _mm512_loadu_ps(x + j + 16),
+                                   acc1);
+        }
+        sum = _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+#endif
+        for (; j < cols; ++j) sum += half_to_float(w[j]) * x[j];
+        y[r] = sum;
+    }
+}

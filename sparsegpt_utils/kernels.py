@@ -1,0 +1,146 @@
+"""CPU kernels for bitmask-sparse and 16-bit linear layers (``csrc/bitmask_linear.c``).
+
+The C source is compiled once per machine with the system C compiler (``cc -O3 -march=native
+-fopenmp``) into the cache folder (:func:`sparsegpt_utils.paths.cache_dir`) and called through
+``ctypes`` with the tensors' data pointers: no build step at install time, and no toolchain
+beyond a C compiler. Where none is found, :func:`load` returns None and the layers fall back to
+torch's own kernels (decompress + matmul).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+from .paths import cache_dir
+
+__all__ = ["load", "available", "build_error", "compile_library", "bind", "gemv", "decompress", "half_gemv",
+           "threads"]
+
+SOURCE = Path(__file__).with_name("csrc") / "bitmask_linear.c"
+_lib: ctypes.CDLL | None = None
+_error: str | None = None
+_tried = False
+
+
+def _cpu_signature() -> str:
+    """What ``-march=native`` depends on: the CPU's feature flags."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return line
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def compile_library(target: Path, native: bool = True) -> Path:
+    """Compile the kernels into the shared library ``target`` (atomically); ``native=False``
+    builds the portable code path (no CPU-specific instructions)."""
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".so")
+    os.close(fd)
+    try:
+        flags = ["-O3", "-fPIC", "-shared"] + (["-march=native"] if native else [])
+        for extra in (["-fopenmp"], []):  # OpenMP where the compiler has it
+            proc = subprocess.run([cc, *flags, *extra, str(SOURCE), "-o", tmp], capture_output=True,
+                                  text=True, timeout=120)
+            if proc.returncode == 0:
+                break
+        else:
+            raise RuntimeError(f"{cc} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
+        os.chmod(tmp, 0o755)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return target
+
+
+def bind(path: str | Path) -> ctypes.CDLL:
+    """Load a library built by :func:`compile_library` and declare its functions."""
+    lib = ctypes.CDLL(str(path))
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.bitmask_gemv.argtypes = [p, p, p, p, p, p, i64, i64, i32]
+    lib.bitmask_decompress.argtypes = [p, p, p, p, i64, i64, i64, i32]
+    lib.half_gemv.argtypes = [p, p, p, i64, i64, i32]
+    lib.sgpt_has_avx512.restype = i32
+    return lib
+
+
+def load() -> ctypes.CDLL | None:
+    """The compiled kernels (built on first use), or None where they cannot be built
+    (:func:`build_error` says why). ``SPARSEGPT_NO_KERNELS=1`` turns them off."""
+    global _lib, _error, _tried
+    if _tried:
+        return _lib
+    _tried = True
+    if os.environ.get("SPARSEGPT_NO_KERNELS"):
+        _error = "turned off by SPARSEGPT_NO_KERNELS"
+        return None
+    key = hashlib.sha256(SOURCE.read_bytes() + _cpu_signature().encode()).hexdigest()[:16]
+    target = cache_dir() / "kernels" / f"bitmask_linear-{key}.so"
+    try:
+        if not target.exists():
+            compile_library(target)
+        _lib = bind(target)
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        _error = str(err)
+        return None
+    return _lib
+
+
+def available() -> bool:
+    return load() is not None
+
+
+def build_error() -> str | None:
+    load()
+    return _error
+
+
+def threads() -> int:
+    return torch.get_num_threads()
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def gemv(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,
+         bias: torch.Tensor | None, rows: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``W x (+ bias)`` for one token: x float32 [words·32] (zero-padded), masks int32
+    [rows, words], values int16 (fp16 bits, padded), offsets int64 [rows + 1] → float32 [rows]."""
+    y = torch.empty(rows, dtype=torch.float32)
+    (lib or load()).bitmask_gemv(_ptr(x), _ptr(masks), _ptr(values), _ptr(offsets), _ptr(bias), _ptr(y),
+                        rows, masks.shape[1], threads())
+    return y
+
+
+def decompress(masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, rows: int, cols: int,
+               out: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """The dense float32 weight [rows, cols] (into ``out`` when given)."""
+    if out is None:
+        out = torch.empty(rows, cols, dtype=torch.float32)
+    (lib or load()).bitmask_decompress(_ptr(masks), _ptr(values), _ptr(offsets), _ptr(out), rows, cols,
+                              masks.shape[1], threads())
+    return out
+
+
+def half_gemv(x: torch.Tensor, weight16: torch.Tensor, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``W x`` for a dense fp16 weight [rows, cols] (int16 bits) and float32 x [cols]."""
+    rows, cols = weight16.shape
+    y = torch.empty(rows, dtype=torch.float32)
+    (lib or load()).half_gemv(_ptr(x), _ptr(weight16), _ptr(y), rows, cols, threads())
+    return y
