@@ -50,6 +50,7 @@ __all__ = [
     "weight_key",
     "matrix_layout",
     "assemble_weight",
+    "parameter_masks",
     "model_seqlen",
 ]
 
@@ -256,8 +257,8 @@ def _find_blocks(model: nn.Module) -> str:
         if len({type(m) for m in module}) != 1:
             continue
         # in/out features: also the layers sparse inference puts in place of nn.Linear
-        if not any(isinstance(m, nn.Linear) or _is_conv1d(m) or isinstance(getattr(m, "in_features", None), int)
-                   for m in module[0].modules()):
+        if not any(isinstance(m, nn.Linear) or _is_conv1d(m)
+                   or isinstance(getattr(m, "in_features", None), int) for m in module[0].modules()):
             continue
         key = (sum(p.numel() for p in module.parameters()), len(module))
         if best is None or key > best[0]:
@@ -336,6 +337,32 @@ def matrix_layout(layer) -> dict | None:
     if not isinstance(layer, MatrixView):
         return None
     return {"rows": None if layer.rows is None else list(layer.rows), "transposed": layer.transposed}
+
+
+def parameter_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> list[tuple[nn.Module, torch.Tensor]]:
+    """Masks by matrix name (as in :func:`pruned_linears`) -> [(module, bool mask shaped like
+    ``module.weight``)], one entry per module: the parts of a fused matrix merged (a part
+    without a mask keeps everything), a Conv1D's mask transposed. For whatever works on a
+    module's own parameter (``torch.nn.utils.parametrize``)."""
+    layers = pruned_linears(model)
+    unknown = sorted(set(masks) - set(layers))
+    if unknown:
+        raise ValueError(f"masks name layers the model does not have: {unknown[:3]}")
+    out: dict[int, tuple[nn.Module, torch.Tensor]] = {}
+    for name, mask in masks.items():
+        layer = layers[name]
+        if not isinstance(layer, MatrixView):
+            out[id(layer)] = (layer, mask.to(torch.bool))
+            continue
+        module = layer.module
+        if id(module) not in out:
+            out[id(module)] = (module, torch.ones(module.weight.shape, dtype=torch.bool, device=mask.device))
+        full = out[id(module)][1]
+        view = full.t() if layer.transposed else full
+        if layer.rows is not None:
+            view = view[layer.rows[0]:layer.rows[1]]
+        view.copy_(mask)
+    return list(out.values())
 
 
 def assemble_weight(parts: list[tuple[dict | None, torch.Tensor]]) -> torch.Tensor:
