@@ -12,59 +12,58 @@ cells = [
        "offline on `smollm2-135m` in a few minutes on a CPU; the paper-scale setting is in the "
        "README. Every cell below the parameters only calls `sparsegpt_utils`."),
     code("""# Parameters (papermill injects overrides after this cell).
-# SPARSENESS_LIST holds DENSITIES, the seed's convention: the fraction of weights KEPT
-# (0.1 keeps 10% = 90% of the weights pruned). The package API calls this `density`.
-model_size = "125m"             # used only when model_name is None: facebook/opt-{model_size}
+# DENSITIES: the fraction of weights KEPT (0.1 keeps 10%, i.e. 90% of the weights pruned);
+# sparsity = 1 - density. Lists may also be given as strings: papermill -p DENSITIES "[0.5, 0.2]".
 model_name = "smollm2-135m"     # hub id, local folder, or "smollm2-135m" (offline built-in)
-METHOD = "sparsegpt"            # sparsegpt | wanda | magnitude
-SPARSENESS_LIST = [0.5, 0.3]    # fraction of weights KEPT, each in (0, 1]
-NM = None                       # e.g. "2:4": N:M pattern instead of SPARSENESS_LIST
+METHOD = "sparsegpt"            # sparsegpt | wanda | magnitude | admm
+DENSITIES = [0.5, 0.3]          # fraction of weights KEPT, each in (0, 1]
+NM = None                       # e.g. "2:4": N:M pattern instead of DENSITIES
 calibration_size = 8            # calibration windows (paper: 128)
 token_length = 256              # tokens per window, calibration and evaluation (paper: 2048)
 calibration_batch_size = 4      # windows per forward pass while calibrating
-EPSILON = 0.01                  # Hessian damping, fraction of mean(diag H) (percdamp)
-B = 128                         # lazy update block (columns)
-Bs = 128                        # mask selection block (columns)
+percdamp = 0.01                 # Hessian damping, fraction of mean(diag H)
+blocksize = 128                 # lazy update block B (columns)
+mask_blocksize = 128            # mask selection block Bs (columns)
 wbits = None                    # e.g. 4: quantize the kept weights jointly (GPTQ)
 groupsize = None                # columns per quantization grid (None: one grid per row)
 target_avg_bits = None          # e.g. 3.5: mixed precision (2/3/4/6/8 bits per row)
 bit_allocation_method = "budget"  # budget | quantile
+OWL = False                     # OWL layer-wise densities (same global density)
+EXACT_UPDATE = False            # the exact weight update for the chosen mask
+RECONSTRUCT = False             # fit each pruned block to the dense block's outputs, masks kept
 CALIB_SOURCE = "wikitext2-valid"  # c4 | wikitext2 | wikitext2-valid | ptb | stdlib | a file
 EVAL_SOURCE = "wikitext2"       # wikitext2 | ptb | c4 | a file
 EVAL_WINDOWS = 8                # None: the whole test set
+FALLBACK_TEXT = True            # a source found nowhere (data folder, hub): use the stdlib text, and say so
 SEED = 0
 DEVICE = "auto"                 # auto | cpu | cuda
 SAVE_MODELS = True              # compact checkpoints under PRUNED_DIR
 PRUNED_DIR = None               # None: $SPARSEGPT_PRUNED_DIR, else <project>/pruned_models
 RESULTS_CSV = None              # None: 1_SparseGPT.csv in $SPARSEGPT_RESULTS_DIR or <project>/results
 RESULT_JSON = None              # a sweep sets this: the list of this notebook's result objects
-SHOW_PROGRESS = False           # tqdm bars (off by default to keep saved outputs short)"""),
+SHOW_PROGRESS = False           # tqdm bars (off by default to keep saved outputs short)
+# Older names, still accepted; when set (not None) they replace the name on the right.
+SPARSENESS_LIST = None          # = DENSITIES: fraction of weights KEPT (not pruned), despite the name
+SPARSITIES = None               # = DENSITIES: fraction of weights KEPT (not pruned), despite the name
+EPSILON = None                  # = percdamp
+B = None                        # = blocksize
+Bs = None                       # = mask_blocksize
+model_size = "125m"             # used only when model_name is None: facebook/opt-{model_size}"""),
     code("""import pandas as pd
-from sparsegpt_utils.experiment import Experiment
-from sparsegpt_utils.notebook import run_sparsity_list
-from sparsegpt_utils.sweep import pruned_dir, results_dir
+from sparsegpt_utils.notebook import experiments_from_parameters, run_sparsity_list
+from sparsegpt_utils.paths import pruned_dir, results_dir
 
 pd.set_option("display.precision", 2)
-model_name = model_name or f"facebook/opt-{model_size}"
-runs = [
-    Experiment(
-        model=model_name, method=METHOD, density=None if NM else density, nm=NM,
-        wbits=wbits, groupsize=groupsize, target_avg_bits=target_avg_bits,
-        bit_method=bit_allocation_method, calib=CALIB_SOURCE, calib_samples=calibration_size,
-        seqlen=token_length, seed=SEED, calibration_batch_size=calibration_batch_size,
-        percdamp=EPSILON, blocksize=B, mask_blocksize=Bs, eval=EVAL_SOURCE,
-        eval_windows=EVAL_WINDOWS, device=DEVICE, progress=SHOW_PROGRESS,
-    ).validate()  # every parameter is checked here, before the model loads
-    for density in ([None] if NM else SPARSENESS_LIST)
-]
+runs = experiments_from_parameters(globals())  # every parameter is checked here, before the model loads
+model_name, METHOD = runs[0].model, runs[0].prune.method
 print(f"{len(runs)} run(s) of {METHOD} on {model_name}")"""),
     md("## Prune, evaluate and save each setting\n\nThe dense model is evaluated once on the "
        "same windows; each run starts from a fresh copy of it."),
     code("""table, layer_reports = run_sparsity_list(
     runs, pruned_dir=pruned_dir(PRUNED_DIR) if SAVE_MODELS else None,
     results_csv=RESULTS_CSV or results_dir() / "1_SparseGPT.csv", result_json=RESULT_JSON)
-table[["method", "density", "sparsity", "nm", "wbits", "density_achieved", "sparsity_achieved",
-       "ppl_dense", "ppl", "avg_bits", "size_mb", "dense_size_mb"]]"""),
+table[["method", "density", "sparsity", "nm", "wbits", "calib", "eval", "density_achieved",
+       "sparsity_achieved", "ppl_dense", "ppl", "avg_bits", "size_mb", "dense_size_mb"]]"""),
     md("## Density of every pruned layer (last run)"),
     code("""last = layer_reports[-1]
 print(f"density kept {last['kept'].sum() / last['params'].sum():.4f}, "
@@ -75,12 +74,12 @@ last.assign(layer=last["layer"].str.replace("model.", "", regex=False))[
 
 fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
 for report, run in zip(layer_reports, runs):
-    label = run.nm or f"density {run.density}"
+    label = f"{run.prune.nm[0]}:{run.prune.nm[1]}" if run.prune.nm else f"density {run.density}"
     report.groupby("block")["density"].mean().plot(ax=axes[0], marker="o", label=label)
 axes[0].set(xlabel="decoder block", ylabel="density (kept fraction)", title="per-block density")
 axes[0].legend()
 table.plot(x="density_achieved", y=["ppl_dense", "ppl"], marker="o", ax=axes[1], logy=True)
-axes[1].set(xlabel="density (kept fraction)", ylabel=f"perplexity ({EVAL_SOURCE})",
+axes[1].set(xlabel="density (kept fraction)", ylabel=f"perplexity ({table['eval'].iloc[0]})",
             title=f"{METHOD} on {model_name}")
 fig.tight_layout()"""),
 ]
