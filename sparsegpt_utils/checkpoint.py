@@ -49,7 +49,7 @@ from tqdm.auto import tqdm
 
 from ._version import versions
 from .codec import CodecError, decode_layer, dtype_name, encode_layer, layer_grid, store_bits, tensor_info
-from .models import get_adapter, pruned_linears, resolve_dtype
+from .models import assemble_weight, get_adapter, matrix_layout, pruned_linears, resolve_dtype, weight_key
 from .quant import QuantGrid
 
 __all__ = [
@@ -412,7 +412,7 @@ def save_pruned(
 
     state = model.state_dict()
     aliases = _tied_aliases(state)
-    pruned_keys = {f"{name}.weight" for name in layers}
+    pruned_keys = {weight_key(name, layer) for name, layer in layers.items()}
     if pruned_keys & set(aliases) or pruned_keys & set(aliases.values()):
         raise ValueError("a pruned layer's weight is tied to another tensor; cannot store it compactly")
     dense = {}
@@ -424,8 +424,10 @@ def save_pruned(
 
     pruned, layer_info = {}, {}
     for name, layer in tqdm(layers.items(), desc="save layers", disable=not progress):
-        tensors, info = encode_layer(layer.weight.detach().cpu(), all_masks[name], grids.get(name),
-                                     store, name)
+        tensors, info = encode_layer(layer.weight.detach().cpu().contiguous(), all_masks[name],
+                                     grids.get(name), store, name)
+        if matrix_layout(layer) is not None:  # a Conv1D's transpose or part of a fused matrix
+            info.update(param=weight_key(name, layer), layout=matrix_layout(layer))
         layer_info[name] = info
         pruned.update({f"{name}::{k}": v for k, v in tensors.items()})
 
@@ -434,7 +436,8 @@ def save_pruned(
     manifest: dict = {}
 
     def fill(tmp: Path) -> None:
-        _compact_config(model, store).save_pretrained(tmp)
+        # (config.save_pretrained drops transformers_weights: write the JSON itself)
+        _compact_config(model, store).to_json_file(tmp / "config.json", use_diff=True)
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
@@ -562,6 +565,15 @@ def _check_shape(manifest: dict, where: str) -> None:
             bad(f"layer {name!r}: unknown mask encoding {info.get('mask')!r}")
         if not isinstance(info.get("values"), str):
             bad(f"layer {name!r}: values must be 'codes' or a dtype name")
+        layout = info.get("layout")
+        rows = layout.get("rows") if isinstance(layout, dict) else None
+        if "layout" in info and not (
+                isinstance(info.get("param"), str) and isinstance(layout, dict)
+                and isinstance(layout.get("transposed"), bool)
+                and (rows is None or (isinstance(rows, list) and len(rows) == 2
+                                      and all(_is_int(r) and r >= 0 for r in rows)))):
+            bad(f"layer {name!r}: a matrix inside a parameter needs 'param' (its tensor name) and "
+                f"'layout' {{'rows': [r0, r1] or null, 'transposed': bool}}")
         tensors = info.get("tensors")
         if not _is_str_dict(tensors) or not all(_tensor_entry_ok(t) for t in tensors.values()):
             bad(f"layer {name!r}: 'tensors' must map names to {{'dtype', 'shape', 'bytes'}}")
@@ -725,8 +737,18 @@ def _read_state(directory: Path, manifest: dict, progress: bool,
         state.update(dense)
     if extra:
         raise CheckpointError(f"checkpoint tensors not in the manifest: {extra[:3]}")
+    parts: dict[str, list] = {}  # the matrices of Conv1D / fused parameters, by parameter
     for name, info in tqdm(manifest["layers"].items(), desc="load layers", disable=not progress):
-        state[f"{name}.weight"] = _read_layer(name, info, pruned, dtype)
+        weight = _read_layer(name, info, pruned, dtype)
+        if "layout" in info:
+            parts.setdefault(info["param"], []).append((info["layout"], weight))
+        else:
+            state[f"{name}.weight"] = weight
+    for key, matrices in parts.items():
+        try:
+            state[key] = assemble_weight(matrices)
+        except (ValueError, RuntimeError) as err:
+            raise CheckpointError(f"parameter {key}: its matrices do not rebuild it ({err})") from None
     return state
 
 
@@ -893,7 +915,8 @@ def _register_with_transformers(auto) -> None:
             if manifest["model_type"] != model.config.model_type:
                 raise CheckpointError(f"checkpoint is for model_type {manifest['model_type']!r}, the "
                                       f"config says {model.config.model_type!r}")
-            self.layers = _read_state(directory, manifest, progress=False, dense_too=False)
+            with torch.device("cpu"):  # (transformers builds the model under a meta default device)
+                self.layers = _read_state(directory, manifest, progress=False, dense_too=False)
             own = dict(model.named_parameters(remove_duplicate=False))
             wrong = [k for k, v in self.layers.items() if k not in own or own[k].shape != v.shape]
             if wrong:
@@ -992,6 +1015,8 @@ EXPORT_FORMATS = ("dense", "compressed-tensors")
 def _compressed_tensors_plan(manifest: dict) -> tuple[dict | None, str]:
     """(the one quantization scheme of every pruned layer, or None; why not)."""
     layers = manifest["layers"]
+    if any("layout" in i for i in layers.values()):
+        return None, "Conv1D or fused (q/k/v, gate/up) matrices: the format quantizes whole nn.Linear layers"
     if not all(i["values"] == "codes" for i in layers.values()):
         return None, "some pruned layers are not quantized (stored as float values)"
     widths = {tuple(i["wbits_range"]) for i in layers.values()}

@@ -8,14 +8,17 @@ import json
 import os
 import shutil
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from sparsegpt_utils import checkpoint as checkpoint_module
 from sparsegpt_utils.checkpoint import CheckpointError, load_pruned, read_manifest, save_pruned
 from tests.conftest import tiny_llama, tiny_opt
-from tests.test_save_utils import prune
+from tests.test_save_utils import assert_same_state, cast_params, prune
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -232,3 +235,111 @@ def test_saved_files_follow_the_umask(tmp_path, umask):
     assert folder_mode == 0o777 & ~umask
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "ck").iterdir()}
     assert set(modes.values()) == {0o666 & ~umask}, modes
+
+
+# --- transformers' from_pretrained on a checkpoint ----------------------------------------------------
+
+def untied_llama():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=False)
+    return LlamaForCausalLM(cfg).eval()
+
+
+MODELS = {"opt": tiny_opt, "llama-tied": tiny_llama, "llama-untied": untied_llama}
+
+
+@pytest.mark.parametrize("setting", ["d0.5", "2:4", "d0.5+4bit", "d0.5+3/4bit-g16"])
+@pytest.mark.parametrize("arch", list(MODELS))
+def test_from_pretrained_gives_the_weights_of_load_pruned(tmp_path, arch, setting):
+    from transformers import AutoModelForCausalLM
+
+    model = MODELS[arch]()
+    was_tied = model.lm_head.weight.data_ptr() == model.get_input_embeddings().weight.data_ptr()
+    assert was_tied == (arch != "llama-untied")
+    masks, grids = prune(model, setting)
+    save_pruned(model, tmp_path / "ck", masks=masks, grids=grids, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    reference, _ = load_pruned(tmp_path / "ck")
+    assert loaded.dtype == torch.float16  # "auto": the storage dtype
+    assert_same_state(loaded, reference)
+    assert_same_state(loaded, cast_params(model, torch.float16))
+    tied = loaded.lm_head.weight.data_ptr() == loaded.get_input_embeddings().weight.data_ptr()
+    assert tied == was_tied
+    # a plain dense model: no quantizer left on it, casting works
+    assert getattr(loaded, "hf_quantizer", None) is None and not getattr(loaded, "is_quantized", False)
+    assert getattr(loaded.config, "quantization_config", None) is None
+    loaded.float()
+
+
+def test_from_pretrained_dtype_and_device_map(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_llama()
+    masks, grids = prune(model, "d0.5+4bit")
+    save_pruned(model, tmp_path / "ck", masks=masks, grids=grids, progress=False)
+    for dtype in (torch.float32, torch.bfloat16):
+        loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=dtype)
+        assert loaded.dtype == dtype
+        assert_same_state(loaded, load_pruned(tmp_path / "ck", dtype=dtype)[0])
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", device_map="cpu")
+    assert_same_state(loaded, load_pruned(tmp_path / "ck")[0])
+    with pytest.raises(ValueError, match="not with offloading"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "ck", device_map={"model": "cpu", "lm_head": "disk"})
+
+
+def test_save_pretrained_of_a_loaded_checkpoint_writes_a_plain_dense_folder(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model = tiny_opt()
+    masks, grids = prune(model, "d0.5+4bit")
+    save_pruned(model, tmp_path / "ck", masks=masks, grids=grids, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck")
+    loaded.save_pretrained(tmp_path / "dense")
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "quantization_config" not in config and "transformers_weights" not in config
+    assert (tmp_path / "dense" / "model.safetensors").is_file()
+    again = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    assert_same_state(again, loaded)
+
+
+def test_from_pretrained_verifies_the_checkpoint(ck):
+    from transformers import AutoModelForCausalLM
+
+    data = bytearray((ck / "pruned.safetensors").read_bytes())
+    data[len(data) // 2] ^= 1
+    (ck / "pruned.safetensors").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="sha256"):
+        AutoModelForCausalLM.from_pretrained(ck)
+
+
+def run_clean(code: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def test_without_the_package_the_error_names_it(ck, tmp_path):
+    out = run_clean(f"from transformers import AutoModelForCausalLM\n"
+                    f"AutoModelForCausalLM.from_pretrained({str(ck)!r})", tmp_path)
+    assert out.returncode != 0
+    last = out.stderr.strip().splitlines()[-1]
+    assert "sparsegpt_utils" in last, out.stderr[-2000:]
+
+
+def test_importing_the_package_registers_the_format_without_importing_transformers(ck, tmp_path):
+    out = run_clean(
+        "import sys, torch\n"
+        "import sparsegpt_utils\n"
+        "assert 'transformers.quantizers.auto' not in sys.modules\n"
+        "from transformers import AutoModelForCausalLM\n"
+        "from sparsegpt_utils.checkpoint import load_pruned\n"
+        f"a = AutoModelForCausalLM.from_pretrained({str(ck)!r})\n"
+        f"b, _ = load_pruned({str(ck)!r})\n"
+        "sa, sb = a.state_dict(), b.state_dict()\n"
+        "assert all(torch.equal(sa[k], sb[k]) for k in sb)\n"
+        "print('ok')\n", tmp_path)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
