@@ -476,23 +476,33 @@ def _quant_bench_rows(df: pd.DataFrame) -> pd.DataFrame:
 
 def testing_figure(df: pd.DataFrame) -> plt.Figure:
     """Notebook 3's figure: perplexity (log) against density, one line per evaluation protocol
-    and calibration (never joining checkpoints of different settings), and the achieved
-    density of the pruned layers against the target."""
+    and calibration (never joining checkpoints of different settings), each ending at the dense
+    model measured on the same windows; and the achieved density of the pruned layers against
+    the target."""
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(10, 3.8))
     ppl = pd.to_numeric(_column(df, "ppl"), errors="coerce")
     rows = _labelled(df[ppl.notna()]) if not df.empty else df
     if rows.empty:
         _empty(ax1, "no checkpoints evaluated")
     else:
-        rows, varying = _distinct(rows, ["eval_protocol", "calib_protocol", "density"],
-                                  ["eval_protocol", "calib_protocol"])
-        calibs = sorted(set(rows["calib_protocol"]))
-        for key, part in rows.groupby(["eval_protocol", "calib_protocol", *varying], sort=True):
-            label = key[0] + (f" · calib {key[1]}" if len(calibs) > 1 else "")
-            if varying:
+        dense, pruned = rows[rows["density"] >= 1], rows[rows["density"] < 1]
+        pruned, varying = _distinct(pruned, ["eval_protocol", "calib_protocol", "density"],
+                                    ["eval_protocol", "calib_protocol"])
+        calibs = sorted(set(pruned["calib_protocol"]))
+        lines = [(key, part) for key, part in pruned.groupby(["eval_protocol", "calib_protocol", *varying],
+                                                             sort=True)]
+        lines += [((protocol, None), pruned.iloc[0:0]) for protocol in sorted(set(dense["eval_protocol"]))
+                  if protocol not in set(pruned["eval_protocol"])]  # a dense model alone: its point
+        for key, part in lines:
+            label = key[0] + (f" · calib {key[1]}" if len(calibs) > 1 and key[1] else "")
+            if varying and len(part):
                 label += " · " + _settings_text(part.iloc[0], varying)
             part = part.sort_values("density")
-            ax1.plot(part["density"], part["ppl"], marker="o", label=label)
+            x, y = list(part["density"]), list(part["ppl"])
+            end = _single(dense.loc[dense["eval_protocol"] == key[0], "ppl"])
+            if end is not None:
+                x, y = x + [1.0], y + [end]
+            ax1.plot(x, y, marker="o", label=label)
         ax1.set_yscale("log")
         ax1.set_xlabel("density (fraction of weights kept)")
         ax1.set_ylabel("perplexity (log scale)")

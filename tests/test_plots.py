@@ -15,6 +15,14 @@ from sparsegpt_utils import plots  # noqa: E402
 from sparsegpt_utils.sweep import add_family  # noqa: E402
 
 
+@pytest.fixture(autouse=True)
+def _close_figures():
+    yield
+    import matplotlib.pyplot as plt
+
+    plt.close("all")
+
+
 def _results():
     rows = []
     for method, base in [("magnitude", 100.0), ("sparsegpt", 30.0)]:
@@ -94,6 +102,23 @@ def test_testing_figure_plots_each_source_and_the_density_check():
     assert _lines(fig.axes[0]) == {"ptb, 8 × 256": ([0.5], [60.0]),
                                    "wikitext2, 8 × 256": ([0.5, 0.7], [40.0, 30.0])}
     assert "no checkpoints" in plots.testing_figure(pd.DataFrame()).axes[0].texts[0].get_text()
+
+
+def test_testing_figure_keeps_calibrations_apart_and_ends_at_the_dense_model():
+    common = {"eval": "wikitext2", "eval_windows": 8, "eval_seqlen": 256, "calib": "c4", "seed": 0,
+              "density_achieved": 0.5, "layer_density_min": 0.5, "layer_density_max": 0.5}
+    df = pd.DataFrame([
+        {**common, "density": 0.5, "ppl": 80.0, "calib_samples": 8, "seqlen": 256, "checkpoint": "a"},
+        {**common, "density": 0.3, "ppl": 300.0, "calib_samples": 8, "seqlen": 256, "checkpoint": "b"},
+        {**common, "density": 0.2, "ppl": 900.0, "calib_samples": 128, "seqlen": 2048, "checkpoint": "c"},
+        {**common, "density": 1.0, "ppl": 38.0, "calib": None, "calib_samples": None, "seqlen": None,
+         "seed": None, "checkpoint": "(dense model)"},
+    ])
+    lines = _lines(plots.testing_figure(df).axes[0])
+    assert lines == {"wikitext2, 8 × 256 · calib c4, 8 × 256, seed 0": ([0.3, 0.5, 1.0], [300.0, 80.0, 38.0]),
+                     "wikitext2, 8 × 256 · calib c4, 128 × 2048, seed 0": ([0.2, 1.0], [900.0, 38.0])}
+    only_dense = _lines(plots.testing_figure(df.iloc[[3]]).axes[0])
+    assert only_dense == {"wikitext2, 8 × 256": ([1.0], [38.0])}
 
 
 def test_save_figure_writes_each_format_atomically_and_reproducibly(tmp_path):
