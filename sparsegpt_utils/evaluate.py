@@ -1,9 +1,14 @@
-"""Perplexity on the SparseGPT protocol (DESIGN §3) and the per-layer density report."""
+"""Perplexity on the SparseGPT protocol (DESIGN §3), the per-layer density report, and the
+re-evaluation of saved checkpoints (notebook 3: :func:`evaluate_checkpoints`)."""
 
 from __future__ import annotations
 
 import math
+import os
+import re
+from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import pandas as pd
 import torch
@@ -12,7 +17,8 @@ from tqdm.auto import tqdm
 
 from .models import model_seqlen, pruned_linears
 
-__all__ = ["PerplexityResult", "perplexity", "density_report", "overall_density"]
+__all__ = ["PerplexityResult", "perplexity", "density_report", "overall_density", "find_checkpoints",
+           "hub_reachable", "available_sources", "load_checkpoint", "evaluate_checkpoints"]
 
 
 @dataclass
@@ -76,3 +82,143 @@ def density_report(model: nn.Module) -> pd.DataFrame:
 def overall_density(report: pd.DataFrame) -> float:
     """Kept fraction over all pruned layers (parameter-weighted)."""
     return float(report["kept"].sum() / report["params"].sum())
+
+
+# ---------------------------------------------------------------- testing saved checkpoints (notebook 3)
+
+def find_checkpoints(root: str | Path, model: str, method: str,
+                     densities: Sequence[float]) -> dict[float, Path | None]:
+    """For each density, the saved folder ``<root>/<model>_<method>_d<density>`` (the density
+    matched as a number, so ``d0.5`` and ``d0.50`` both count), or None when there is none."""
+    from .results import model_slug
+
+    root = Path(root)
+    names = {model, model_slug(model), model.replace("/", "_"), model.split("/")[-1]}
+    found: dict[float, Path] = {}
+    for path in sorted(root.glob("*_d*")) if root.is_dir() else []:
+        m = re.fullmatch(r"(.+)_([^_]+)_d([0-9.]+)", path.name)
+        if path.is_dir() and m and m.group(1) in names and m.group(2) == method:
+            try:
+                found[float(m.group(3))] = path
+            except ValueError:
+                continue
+    return {d: next((p for k, p in found.items() if abs(k - d) < 1e-9), None) for d in densities}
+
+
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether huggingface.co answers (a quick check before trying hub data sets, whose
+    offline failure takes half a minute of retries)."""
+    import socket
+
+    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or \
+            os.environ.get("HF_DATASETS_OFFLINE") in ("1", "true", "True"):
+        return False
+    try:
+        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
+        return True
+    except OSError:
+        return False
+
+
+def available_sources(sources: Sequence[str]) -> tuple[list[str], dict[str, str]]:
+    """Split evaluation sources into those that can be read now and those that cannot
+    (with the reason): a local file in ``SPARSEGPT_DATA_DIR`` or a reachable hub."""
+    from .data import LOCAL_FILES
+    from .paths import data_dir as data_folder
+
+    data_dir = data_folder()
+    ok, missing, hub = [], {}, None
+    for source in sources:
+        if source == "stdlib" or Path(source).is_file():
+            ok.append(source)
+            continue
+        if source not in LOCAL_FILES:
+            missing[source] = "neither a file nor a known source"
+            continue
+        split = "validation" if source in ("c4", "wikitext2-valid") else "test"
+        rel = LOCAL_FILES[source].get(split)
+        if data_dir is not None and rel and (data_dir / rel).is_file():
+            ok.append(source)
+            continue
+        hub = hub_reachable() if hub is None else hub
+        if hub:
+            ok.append(source)
+        else:
+            missing[source] = "no file in SPARSEGPT_DATA_DIR and the Hugging Face hub is unreachable"
+    return ok, missing
+
+
+def load_checkpoint(path: str | Path):
+    """(model, tokenizer) from a saved pruned model: a ``save_utils`` checkpoint (it has a
+    ``manifest.json``) or a plain transformers folder."""
+    path = Path(path)
+    if (path / "manifest.json").is_file():
+        from .save_utils import load_pruned
+
+        return load_pruned(path)
+    from .models import load_model
+
+    return load_model(str(path))
+
+
+def evaluate_checkpoints(
+    model: str, method: str, densities: Sequence[float], root: str | Path | None = None,
+    sources: Sequence[str] = ("wikitext2",), eval_windows: int | None = None,
+    seqlen: int | None = None, tolerance: float = 0.01, dense_fallback: bool = True,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """Load every saved ``<model>_<method>_d<density>`` under ``root`` (default
+    :func:`pruned_dir`), measure perplexity on each readable source and check its per-layer
+    density against the target.
+
+    Density 1 with no saved folder is the dense model itself (``dense_fallback``).
+    Returns ``(results, layers, notes)``: one tidy row per (density, source) with ``ppl``,
+    ``density_achieved``, ``layer_density_min/max`` and ``layers_off`` (layers further than
+    ``tolerance`` from the target); one row per (density, layer); and notes naming the missing
+    checkpoints and the unreadable sources.
+    """
+    from .data import eval_tokens
+    from .models import load_model
+    from .paths import pruned_dir
+    from .results import checkpoint_name
+
+    for d in densities:
+        if not 0 < d <= 1:
+            raise ValueError(f"densities (fraction kept) must be in (0, 1], got {d}")
+    if eval_windows is not None and eval_windows < 1:
+        raise ValueError(f"eval_windows must be >= 1 or None, got {eval_windows}")
+    root = pruned_dir(root)
+    paths = find_checkpoints(root, model, method, densities)
+    ok_sources, bad_sources = available_sources(sources)
+    notes = [f"source {s!r} skipped: {why}" for s, why in bad_sources.items()]
+    rows, layer_frames, tokens = [], [], {}
+    for density in tqdm(densities, desc="checkpoints", disable=not progress):
+        path = paths[density]
+        if path is None and not (dense_fallback and density == 1):
+            notes.append(f"missing: no checkpoint {checkpoint_name(model, method, density)} in {root}")
+            continue
+        net, tok = load_checkpoint(path) if path is not None else load_model(model)
+        report = density_report(net)
+        achieved = overall_density(report)
+        off = int(((report["density"] - density).abs() > tolerance).sum())
+        layer_frames.append(report.assign(target_density=density))
+        length = seqlen or model_seqlen(net)
+        for source in ok_sources or [None]:  # no readable source: the density check still counts
+            res = None
+            if source is not None:
+                if (source, length) not in tokens:
+                    tokens[source, length] = eval_tokens(tok, source, seqlen=length)
+                res = perplexity(net, tokens[source, length], seqlen=length, max_windows=eval_windows,
+                                 progress=False)
+            rows.append({"model": model, "method": method, "density": density, "sparsity": 1 - density,
+                         "checkpoint": path.name if path is not None else "(dense model)",
+                         "eval": source, "eval_windows": res.windows if res else 0, "seqlen": length,
+                         "eval_seqlen": length,
+                         "ppl": res.ppl if res else float("nan"),
+                         "density_achieved": achieved,
+                         "layer_density_min": float(report["density"].min()),
+                         "layer_density_max": float(report["density"].max()),
+                         "layers": len(report), "layers_off": off})
+        del net
+    layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
+    return pd.DataFrame(rows), layers, notes

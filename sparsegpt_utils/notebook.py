@@ -31,7 +31,7 @@ from .models import load_model, model_seqlen
 from .results import append_csv_row, checkpoint_name, write_json_atomic
 
 __all__ = ["checkpoint_name", "run_sparsity_list", "experiments_from_parameters", "parse_list_parameter",
-           "NOTEBOOK_SETTINGS", "OLDER_NAMES", "experiment_checkpoint_name"]
+           "NOTEBOOK_SETTINGS", "OLDER_NAMES", "experiment_checkpoint_name", "refresh_notebooks"]
 
 # notebook 1's parameter -> the Experiment setting(s) it gives (Experiment.from_settings)
 NOTEBOOK_SETTINGS = {
@@ -142,3 +142,37 @@ def run_sparsity_list(runs: list[Experiment], pruned_dir: str | Path | None = No
     table["size_mb"] = table["size_bytes"] / 1e6 if "size_bytes" in table else None
     table["dense_size_mb"] = table["dense_size_bytes"] / 1e6
     return table, reports
+
+
+# ---------------------------------------------------------------- notebook regression outputs
+
+def refresh_notebooks(notebooks: list[str | Path], workdir: str | Path | None = None,
+                      kernel: str = "python3", timeout: int = 1800) -> Path:
+    """Re-execute ``notebooks`` in order, in place, with their default parameters and the
+    environment of :func:`notebook_env` (what nbval compares against), and write each back
+    atomically. Stops at the first failing notebook (left unchanged). Returns the work folder."""
+    import os
+    import tempfile
+    import time
+
+    import nbformat
+    from nbclient import NotebookClient
+
+    from .paths import notebook_env
+    from .results import write_atomic
+
+    workdir = Path(workdir or tempfile.mkdtemp(prefix="nbval-work-"))
+    saved = dict(os.environ)
+    os.environ.update(notebook_env(workdir))  # the kernel inherits this process's environment
+    try:
+        for path in map(Path, notebooks):
+            nb = nbformat.read(path, as_version=4)
+            start = time.perf_counter()
+            NotebookClient(nb, kernel_name=kernel, timeout=timeout,
+                           resources={"metadata": {"path": str(path.resolve().parent)}}).execute()
+            write_atomic(path, lambda tmp, nb=nb: nbformat.write(nb, tmp))
+            print(f"{path}: {time.perf_counter() - start:.0f} s")
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+    return workdir

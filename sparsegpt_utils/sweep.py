@@ -1,6 +1,7 @@
 """Parameter sweeps: one notebook, run by papermill once per grid point, and the results read back.
 
-Every run has a folder of its own under ``out_dir`` (default ``results/runs``)::
+Every run has a folder of its own under ``out_dir`` (default ``<results>/runs``, see
+:func:`paths.results_dir`)::
 
     <run-id>/params.yaml     the parameters injected into the notebook (RESULT_JSON included)
     <run-id>/notebook.ipynb  the executed notebook, outputs and all
@@ -12,14 +13,23 @@ The hand-off: the sweep injects ``RESULT_JSON`` (an absolute path) into the note
 ``parameters`` cell, and the notebook writes its result there. A notebook that takes part in
 sweeps declares ``RESULT_JSON = None`` among its parameters (checked before anything runs).
 
-A run executes in ``.<run-id>.partial/`` and is renamed into place only when it has written its
-result, so a run folder with ``result.json`` is always a finished run: such runs are skipped
-(resume). A failed run goes to ``_failed/<run-id>/`` with ``error.txt`` and is tried again next
-time; it never touches finished runs.
+A run executes in a temporary folder beside its own (:func:`results.atomic_dir`) that is swapped
+into place only when it has written its result, so a run folder with ``result.json`` is always a
+finished run: such runs are skipped (resume), and a finished run is never replaced. A failed run
+goes to ``_failed/<run-id>/`` with ``error.txt`` and is tried again next time. The notebook sees
+``SPARSEGPT_RUN_ID`` and ``SPARSEGPT_RUN_ATTEMPT`` (:func:`paths.sweep_run`): the rows it appends
+with :func:`results.append_csv_row` carry them, so a re-run replaces its rows, never adds to them.
+
+Stopping: each papermill child runs in a process group of its own and, on Linux, is killed by
+the system when the sweep dies (even by SIGKILL); its Jupyter kernel then exits too (ipykernel
+watches its parent). Ctrl-C (or SIGTERM to the CLI) stops at once: no new run starts, running
+ones are killed with their kernels, their half-written folders are dropped, finished runs stay;
+the CLI exits 130 with a one-line message. Running the same sweep again resumes it.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import itertools
 import json
@@ -30,9 +40,10 @@ import shutil
 import signal
 import subprocess
 import sys
-import tempfile
+import threading
 import time
-from collections.abc import Mapping, Sequence
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,12 +51,29 @@ from pathlib import Path
 import pandas as pd
 from tqdm.auto import tqdm
 
-from .paths import notebook_env, project_pythonpath, pruned_dir, results_dir
-from .results import checkpoint_name, model_slug, write_atomic, write_csv_atomic, write_json_atomic
+# notebook 3's engine lives in evaluate.py; its names stay reachable here for older notebooks
+from .evaluate import (
+    available_sources,
+    evaluate_checkpoints,
+    find_checkpoints,
+    hub_reachable,
+    load_checkpoint,
+)
+from .paths import project_pythonpath, project_root, pruned_dir, results_dir, sweep_run_env
+from .results import (
+    RUN_SETTING_KEYS,
+    checkpoint_name,
+    remove_stale_temps,
+    swap_dir,
+    temp_dir_beside,
+    write_csv_atomic,
+    write_json_atomic,
+)
 
 __all__ = [
     "RESULT_PARAM",
     "Run",
+    "SweepInterrupted",
     "expand_grid",
     "load_grid_file",
     "parse_param_option",
@@ -59,14 +87,28 @@ __all__ = [
     "pruned_dir",
     "write_json_atomic",
     "write_csv_atomic",
+    "checkpoint_name",
+    "add_family",
     "add_cli_arguments",
     "cli_main",
+    "find_checkpoints",
+    "hub_reachable",
+    "available_sources",
+    "load_checkpoint",
+    "evaluate_checkpoints",
 ]
 
 RESULT_PARAM = "RESULT_JSON"
-# the columns that say what a result row was asked to do: rows agreeing on all of them are one run
-CONFIG_KEYS = ("model", "method", "family", "density", "nm", "wbits", "groupsize", "calib",
-               "calib_samples", "seqlen", "seed", "eval", "eval_windows", "eval_seqlen")
+CONFIG_KEYS = RUN_SETTING_KEYS  # the public definition is results.RUN_SETTING_KEYS
+
+
+def default_runs_dir() -> Path:
+    """Where run folders go by default: ``runs/`` in :func:`paths.results_dir`."""
+    return results_dir() / "runs"
+
+
+def default_notebook() -> Path:
+    return project_root() / "notebooks" / "1_SparseGPT.ipynb"
 
 
 # ---------------------------------------------------------------- grids
@@ -167,12 +209,12 @@ def _slug(value) -> str:
 
 def run_id(notebook: str | Path, params: Mapping, shown: Sequence[str] | None = None) -> str:
     """A stable, readable folder name for one run: the notebook's stem, the ``shown``
-    parameters (default all; shortened), and a hash of the notebook's name and ALL parameters
+    parameters (default all; sorted by name, shortened), and a hash of the notebook's name and ALL parameters
     (the hash alone identifies the run)."""
     stem = Path(notebook).stem
     key = json.dumps({"notebook": stem, "params": params}, sort_keys=True, default=str)
     digest = hashlib.sha1(key.encode()).hexdigest()[:10]
-    names = sorted(params) if shown is None else [k for k in shown if k in params]
+    names = sorted(k for k in params if shown is None or k in shown)  # one name whatever the key order
     readable = "_".join(f"{k}={_slug(params[k])}" for k in names)[:100]
     return f"{stem}_{readable}_{digest}" if readable else f"{stem}_{digest}"
 
@@ -204,10 +246,11 @@ class Run:
         return (self.folder / "result.json").is_file()
 
 
-def plan_sweep(notebook: str | Path, grid, out_dir: str | Path = "results/runs",
+def plan_sweep(notebook: str | Path, grid, out_dir: str | Path | None = None,
                base: Mapping | None = None) -> list[Run]:
-    """Check the grid against the notebook's parameters and name every run, executing
-    nothing. Raises ValueError naming any parameter the notebook does not declare."""
+    """Check the grid against the notebook's parameters and name every run (folders in
+    ``out_dir``, default :func:`default_runs_dir`), executing nothing. Raises ValueError naming
+    any parameter the notebook does not declare."""
     declared = notebook_parameters(notebook)
     if not declared:
         raise ValueError(f"notebook {str(notebook)!r} has no cell tagged 'parameters'")
@@ -222,7 +265,7 @@ def plan_sweep(notebook: str | Path, grid, out_dir: str | Path = "results/runs",
                              f"it declares {sorted(declared)}")
         if RESULT_PARAM in point:
             raise ValueError(f"{RESULT_PARAM} is set by the sweep, not by the grid")
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir) if out_dir is not None else default_runs_dir()
     axes = [k for g in ([grid] if isinstance(grid, Mapping) else grid) for k in g]
     shown = list(dict.fromkeys(axes))  # the grid's own axes name the folders; base values don't
     runs = []
@@ -258,66 +301,171 @@ def _error_summary(log: str, returncode: int | None) -> str:
     return f"exit status {returncode}: {tail}" if returncode else tail
 
 
+class SweepInterrupted(KeyboardInterrupt):
+    """Ctrl-C stopped a sweep; ``table`` is :func:`run_sweep`'s table as it stood (statuses
+    ``stopped`` and ``not started`` beside the finished ones)."""
+
+    def __init__(self, message: str, table: pd.DataFrame):
+        super().__init__(message)
+        self.table = table
+
+
+# Run first in each papermill child: on Linux the child asks to be SIGKILLed when the thread that
+# started it dies (so a sweep killed even by SIGKILL leaves no notebook running), checks that the
+# sweep did not die before the request, then becomes papermill.
+_DIE_WITH_PARENT = """\
+import ctypes, os, signal, sys
+if sys.platform.startswith("linux"):
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+if os.getppid() != int(sys.argv[1]):
+    sys.exit(137)
+os.execv(sys.executable, [sys.executable, *sys.argv[2:]])
+"""
+
+
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (psutil where installed, else ``/proc``)."""
+    try:
+        import psutil
+    except ImportError:
+        psutil = None
+    if psutil is not None:
+        try:
+            return [p.pid for p in psutil.Process(pid).children(recursive=True)]
+        except psutil.Error:
+            return []
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """SIGKILL a papermill child's process group and the group of each of its descendants:
+    Jupyter starts a kernel in a session of its own (so that an interrupt reaches the kernel
+    alone), so killing the child's group does not reach the kernel."""
+    if not hasattr(os, "killpg"):
+        with contextlib.suppress(OSError):
+            os.kill(pid, signal.SIGTERM)
+        return
+    with contextlib.suppress(OSError):
+        os.killpg(pid, signal.SIGSTOP)  # no new process while the tree is read
+    pids = [pid, *_descendants(pid)]
+    groups = set()
+    for p in pids:
+        with contextlib.suppress(OSError):
+            groups.add(os.getpgid(p))
+    groups.discard(os.getpgrp())
+    for group in groups:
+        with contextlib.suppress(OSError):
+            os.killpg(group, signal.SIGKILL)
+    for p in pids:
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+
+
+def _run_child(cmd: list[str], log, env: dict, timeout: float | None, stop: threading.Event) -> int | str:
+    """Run one papermill child to its end: its exit status, or ``"timeout"`` / ``"stopped"``
+    after killing it with its kernel. Killed by the thread that waits on it, before reaping, so
+    that a reused pid is never hit."""
+    proc = subprocess.Popen([sys.executable, "-c", _DIE_WITH_PARENT, str(os.getpid()), *cmd],
+                            stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        try:
+            return proc.wait(timeout=0.2)
+        except subprocess.TimeoutExpired:
+            why = "stopped" if stop.is_set() else \
+                "timeout" if deadline is not None and time.monotonic() > deadline else None
+            if why:
+                _kill_tree(proc.pid)
+                proc.wait()
+                return why
+
+
 def _execute(run: Run, notebook: Path, cwd: Path, kernel: str | None, env: dict,
-             timeout: float | None) -> Run:
-    out_dir = run.folder.parent
-    work = out_dir / f".{run.id}.partial"
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
+             timeout: float | None, stop: threading.Event) -> Run:
+    if stop.is_set():
+        run.status = "not started"
+        return run
     import yaml
 
-    params = {**run.params, RESULT_PARAM: str((work / "result.json").resolve())}
-    (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True), encoding="utf-8")
-    cmd = [sys.executable, "-m", "papermill", str(notebook.resolve()), str(work / "notebook.ipynb"),
-           "-f", str(work / "params.yaml"), "--cwd", str(cwd), "--no-progress-bar", "--log-output"]
-    if kernel:
-        cmd += ["-k", kernel]
-    start = time.perf_counter()
-    with open(work / "papermill.log", "w", encoding="utf-8") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)  # its own group: a timeout kills the kernel too
-        try:
-            returncode = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-            returncode = None
-    run.seconds = time.perf_counter() - start
-    error = ""
-    if returncode is None:
-        error = f"timed out after {timeout:g} s"
-    elif returncode != 0:
-        error = _error_summary((work / "papermill.log").read_text(encoding="utf-8", errors="replace"),
-                               returncode)
-    else:
-        try:
-            result = json.loads((work / "result.json").read_text(encoding="utf-8"))
-            if not isinstance(result, (dict, list)):
-                error = f"{RESULT_PARAM} holds a {type(result).__name__}, not a result object"
-        except FileNotFoundError:
-            error = f"the notebook finished but wrote nothing to {RESULT_PARAM}"
-        except json.JSONDecodeError as err:
-            error = f"{RESULT_PARAM} is not valid JSON: {err}"
-    failed_dir = out_dir / "_failed" / run.id
-    if error:
-        (work / "error.txt").write_text(error + "\n", encoding="utf-8")
-        shutil.rmtree(failed_dir, ignore_errors=True)
-        failed_dir.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(work, failed_dir)
-        run.status, run.error = "failed", error
-    else:
-        if run.folder.exists():  # a stale folder without a result (never a finished run)
-            shutil.rmtree(run.folder)
-        os.replace(work, run.folder)
-        shutil.rmtree(failed_dir, ignore_errors=True)
-        run.status = "ok"
-    return run
+    out_dir = run.folder.parent
+    work = temp_dir_beside(run.folder)
+    try:
+        params = {**run.params, RESULT_PARAM: str((work / "result.json").resolve())}
+        (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=True), encoding="utf-8")
+        cmd = ["-m", "papermill", str(notebook.resolve()), str(work / "notebook.ipynb"),
+               "-f", str(work / "params.yaml"), "--cwd", str(cwd), "--no-progress-bar", "--log-output"]
+        if kernel:
+            cmd += ["-k", kernel]
+        env = {**env, **sweep_run_env(run.id, uuid.uuid4().hex[:12])}
+        start = time.perf_counter()
+        with open(work / "papermill.log", "w", encoding="utf-8") as log:
+            returncode = _run_child(cmd, log, env, timeout, stop)
+        run.seconds = time.perf_counter() - start
+        if returncode == "stopped":  # its half-written folder goes; the next sweep redoes it
+            run.status = "stopped"
+            return run
+        error = ""
+        if returncode == "timeout":
+            error = f"timed out after {timeout:g} s"
+        elif returncode != 0:
+            error = _error_summary((work / "papermill.log").read_text(encoding="utf-8", errors="replace"),
+                                   returncode)
+        else:
+            try:
+                result = json.loads((work / "result.json").read_text(encoding="utf-8"))
+                if not isinstance(result, (dict, list)):
+                    error = f"{RESULT_PARAM} holds a {type(result).__name__}, not a result object"
+            except FileNotFoundError:
+                error = f"the notebook finished but wrote nothing to {RESULT_PARAM}"
+            except json.JSONDecodeError as err:
+                error = f"{RESULT_PARAM} is not valid JSON: {err}"
+        failed_dir = out_dir / "_failed" / run.id
+        if error:
+            (work / "error.txt").write_text(error + "\n", encoding="utf-8")
+            failed_dir.parent.mkdir(parents=True, exist_ok=True)
+            swap_dir(work, failed_dir, overwrite=True)
+            run.status, run.error = "failed", error
+        else:
+            finished = (run.folder / "result.json").is_file()
+            with contextlib.suppress(FileExistsError):  # another sweep finished it first: keep that
+                swap_dir(work, run.folder, overwrite=not finished)  # a folder without result: redone
+            shutil.rmtree(failed_dir, ignore_errors=True)
+            run.status = "ok"
+        return run
+    finally:
+        if work.exists():
+            shutil.rmtree(work, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """A second Ctrl-C must not cut the clean-up of the first short (main thread only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def run_sweep(
     notebook: str | Path,
     grid: Mapping | Sequence[Mapping],
-    out_dir: str | Path = "results/runs",
+    out_dir: str | Path | None = None,
     parallel: int | None = None,
     base: Mapping | None = None,
     cwd: str | Path | None = None,
@@ -329,23 +477,28 @@ def run_sweep(
 ) -> pd.DataFrame:
     """Run ``notebook`` once per point of ``grid`` (see :func:`expand_grid`) with papermill.
 
-    Finished runs (a ``result.json`` in their folder) are skipped. ``parallel`` runs at a time
+    Finished runs (a ``result.json`` in their folder) are skipped. ``out_dir``: where run
+    folders go (default :func:`default_runs_dir`). ``parallel`` runs at a time
     (default: one per GPU, else 1); with GPUs each run sees one (``CUDA_VISIBLE_DEVICES``).
     ``cwd``: the notebook's working directory (default: its own folder, as in Jupyter).
     ``timeout``: seconds per run. ``env``: extra environment variables for the runs.
     Returns one row per run: ``run_id``, ``status`` (skipped / ok / failed), ``seconds``,
     ``error``, ``gpu``, ``folder`` and the run's parameters; failures are also printed.
+    Ctrl-C stops every running notebook and starts no other, then raises
+    :class:`SweepInterrupted`; finished runs stay.
     """
     notebook = Path(notebook)
     if parallel is not None and parallel < 1:
         raise ValueError(f"parallel must be >= 1, got {parallel}")
     if timeout is not None and timeout <= 0:
         raise ValueError(f"timeout must be > 0 seconds, got {timeout}")
+    out_dir = Path(out_dir) if out_dir is not None else default_runs_dir()
     runs = plan_sweep(notebook, grid, out_dir, base)
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.partial"):  # left behind by an interrupted sweep
+    for stale in out_dir.glob(".*.partial"):  # run folders of older versions of this module
         shutil.rmtree(stale, ignore_errors=True)
+    remove_stale_temps(out_dir)  # half-written run folders of sweeps that were killed
+    remove_stale_temps(out_dir / "_failed")
     cwd = Path(cwd) if cwd is not None else notebook.resolve().parent
     gpus = _gpu_ids() if gpus is None else [str(g) for g in gpus]
     parallel = parallel or max(1, len(gpus))
@@ -359,6 +512,7 @@ def run_sweep(
     slots: queue.Queue[int] = queue.Queue()
     for k in range(parallel):
         slots.put(k)
+    stop = threading.Event()
 
     def work(run: Run) -> Run:
         slot = slots.get()
@@ -369,7 +523,7 @@ def run_sweep(
             if gpus:
                 run.gpu = gpus[slot % len(gpus)]
                 run_env["CUDA_VISIBLE_DEVICES"] = run.gpu
-            return _execute(run, notebook, cwd, kernel, run_env, timeout)
+            return _execute(run, notebook, cwd, kernel, run_env, timeout, stop)
         except Exception as err:  # a broken run must not stop the others
             run.status, run.error = "failed", f"{type(err).__name__}: {err}"
             return run
@@ -379,18 +533,38 @@ def run_sweep(
     if len(runs) > len(todo):
         print(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished, skipped")
     bar = tqdm(total=len(todo), desc=f"sweep {notebook.stem}", disable=not progress or not todo)
-    failures = 0
-    with ThreadPoolExecutor(max_workers=parallel) as pool:
-        for fut in as_completed([pool.submit(work, run) for run in todo]):
+    failures, interrupted = 0, False
+    # the worker threads start the papermill children and live until every child is reaped:
+    # a child's death signal is tied to the thread that started it
+    pool = ThreadPoolExecutor(max_workers=parallel)
+    try:
+        futures = [pool.submit(work, run) for run in todo]
+        for fut in as_completed(futures):
             failures += fut.result().status == "failed"
             bar.set_postfix(failed=failures)
             bar.update()
-    bar.close()
+    except KeyboardInterrupt:
+        interrupted = True
+        stop.set()
+        with _sigint_ignored():
+            pool.shutdown(wait=True, cancel_futures=True)
+    finally:
+        pool.shutdown(wait=True)
+        bar.close()
+    for run in todo:
+        if run.status == "pending":
+            run.status = "not started"
 
     table = pd.DataFrame([{"run_id": r.id, "status": r.status, "seconds": round(r.seconds, 1),
                            "error": r.error, "gpu": r.gpu, "folder": str(r.folder), **r.params}
                           for r in runs])
     ok = sum(r.status == "ok" for r in runs)
+    if interrupted:
+        count = {s: sum(r.status == s for r in runs) for s in ("stopped", "not started")}
+        raise SweepInterrupted(
+            f"sweep: interrupted: {ok + len(runs) - len(todo)} finished runs kept, {failures} failed, "
+            f"{count['stopped']} stopped, {count['not started']} not started; run the same sweep "
+            "again to resume", table)
     print(f"sweep: {ok} ran, {len(runs) - len(todo)} skipped, {failures} failed (of {len(runs)})")
     for r in runs:
         if r.status == "failed":
@@ -411,11 +585,11 @@ def _frame(rows: list[dict]) -> pd.DataFrame:
     return pd.json_normalize(rows, sep=".")  # nested dicts (versions) -> versions.torch, ...
 
 
-def collect_results(dir: str | Path = "results/runs") -> pd.DataFrame:
-    """One row per result object of every finished run under ``dir`` (``<run-id>/result.json``),
-    with ``run_id`` and ``source`` columns; nested objects are flattened (``versions.torch``).
-    An empty DataFrame when there are none."""
-    dir = Path(dir)
+def collect_results(dir: str | Path | None = None) -> pd.DataFrame:
+    """One row per result object of every finished run under ``dir`` (default
+    :func:`default_runs_dir`; ``<run-id>/result.json``), with ``run_id`` and ``source`` columns;
+    nested objects are flattened (``versions.torch``). An empty DataFrame when there are none."""
+    dir = Path(dir) if dir is not None else default_runs_dir()
     rows = []
     for path in sorted(dir.glob("*/result.json")):
         obj = json.loads(path.read_text(encoding="utf-8"))
@@ -445,9 +619,10 @@ def add_family(df: pd.DataFrame) -> pd.DataFrame:
 def load_results(dir: str | Path | None = None) -> pd.DataFrame:
     """Every result row under the results folder (default :func:`results_dir`): the rows of its
     top-level ``*.csv`` files and ``*.json`` result objects, and the finished runs of
-    ``runs/``. Only files with ``method`` and ``ppl`` count; rows asking the same thing (same
-    model, method, density, N:M, bits, calibration, evaluation) are kept once, the run's result
-    winning over a CSV row. Adds ``sparsity`` (1 − density) and ``family`` (:func:`add_family`)."""
+    ``runs/``. Only files with ``method`` and ``ppl`` count; rows asking the same thing (equal in
+    every column of :data:`results.RUN_SETTING_KEYS`) are kept once, the run's result winning
+    over a CSV row; rows that differ in any setting all stay. Adds ``sparsity`` (1 − density)
+    and ``family`` (:func:`add_family`)."""
     dir = results_dir(dir)
     frames = []
     for path in sorted(dir.glob("*.csv")):
@@ -475,7 +650,7 @@ def load_results(dir: str | Path | None = None) -> pd.DataFrame:
             target = pd.to_numeric(df["density_target"], errors="coerce")
             df["density"] = target.where(target.notna(), df["density"])
         df["sparsity"] = 1 - df["density"]
-    keys = [k for k in CONFIG_KEYS if k in df]
+    keys = [k for k in RUN_SETTING_KEYS if k in df]
     return df.drop_duplicates(subset=keys, keep="last").reset_index(drop=True)
 
 
@@ -484,12 +659,15 @@ def load_results(dir: str | Path | None = None) -> pd.DataFrame:
 def add_cli_arguments(parser) -> None:
     """The ``sweep`` subcommand's arguments (an argparse parser)."""
     parser.add_argument("--notebook", default=None,
-                        help="notebook to run (default: the grid file's, else notebooks/1_SparseGPT.ipynb)")
+                        help="notebook to run (default: the grid file's, else the project's "
+                             "notebooks/1_SparseGPT.ipynb)")
     parser.add_argument("--grid", metavar="FILE", default=None,
                         help="YAML/JSON grid file (a grid, or {notebook, parameters, grid, ...})")
     parser.add_argument("--param", metavar="NAME=V1,V2", action="append", default=[],
                         help="a grid axis (repeatable); values read as YAML; joins the file's grid")
-    parser.add_argument("--out-dir", default=None, help="where run folders go (default results/runs)")
+    parser.add_argument("--out-dir", default=None,
+                        help="where run folders go (default: runs/ in $SPARSEGPT_RESULTS_DIR, else "
+                             "<project>/results/runs)")
     parser.add_argument("--parallel", type=int, default=None,
                         help="runs at a time (default: one per GPU, else 1)")
     parser.add_argument("--cwd", default=None, help="notebook working directory (default: its folder)")
@@ -498,8 +676,13 @@ def add_cli_arguments(parser) -> None:
     parser.add_argument("--dry-run", action="store_true", help="list the runs and whether they are done")
 
 
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def cli_main(args) -> int:
-    """Run the sweep the parsed ``args`` describe; exit status 1 if any run failed."""
+    """Run the sweep the parsed ``args`` describe; exit status 1 if any run failed, 130 when
+    interrupted (Ctrl-C or SIGTERM: running notebooks killed, finished runs kept)."""
     spec = load_grid_file(args.grid) if args.grid else {}
     axes = dict(parse_param_option(p) for p in args.param)
     grid = spec.get("grid")
@@ -507,178 +690,37 @@ def cli_main(args) -> int:
         raise SystemExit("sweep: give a grid with --grid FILE and/or --param NAME=V1,V2")
     if axes:  # command-line axes join (and override) every sub-grid of the file
         grid = [{**g, **axes} for g in ([grid] if isinstance(grid, Mapping) else grid)] if grid else axes
-    notebook = args.notebook or spec.get("notebook") or "notebooks/1_SparseGPT.ipynb"
-    out_dir = args.out_dir or spec.get("out_dir") or "results/runs"
+    notebook = args.notebook or spec.get("notebook") or default_notebook()
+    out_dir = args.out_dir or spec.get("out_dir") or default_runs_dir()
     if args.dry_run:
         runs = plan_sweep(notebook, grid, out_dir, spec.get("parameters"))
         for run in runs:
             print(f"{'done' if run.finished else 'todo'}  {run.id}")
         print(f"{sum(not r.finished for r in runs)} of {len(runs)} runs to do")
         return 0
-    table = run_sweep(notebook, grid, out_dir=out_dir, parallel=args.parallel or spec.get("parallel"),
-                      base=spec.get("parameters"), cwd=args.cwd or spec.get("cwd"),
-                      kernel=args.kernel or spec.get("kernel"), timeout=args.timeout or spec.get("timeout"))
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt) if main_thread else None
+    try:
+        table = run_sweep(notebook, grid, out_dir=out_dir, parallel=args.parallel or spec.get("parallel"),
+                          base=spec.get("parameters"), cwd=args.cwd or spec.get("cwd"),
+                          kernel=args.kernel or spec.get("kernel"),
+                          timeout=args.timeout or spec.get("timeout"))
+    except SweepInterrupted as err:
+        print(err, file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        print("sweep: interrupted before any run started", file=sys.stderr)
+        return 130
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     return int((table["status"] == "failed").any())
 
 
-# ---------------------------------------------------------------- testing saved checkpoints
+def __getattr__(name: str):
+    # the notebook test harness lives in notebook.py; commands that name it here still work
+    if name == "refresh_notebooks":
+        from .notebook import refresh_notebooks
 
-def find_checkpoints(root: str | Path, model: str, method: str,
-                     densities: Sequence[float]) -> dict[float, Path | None]:
-    """For each density, the saved folder ``<root>/<model>_<method>_d<density>`` (the density
-    matched as a number, so ``d0.5`` and ``d0.50`` both count), or None when there is none."""
-    root = Path(root)
-    names = {model, model_slug(model), model.replace("/", "_"), model.split("/")[-1]}
-    found: dict[float, Path] = {}
-    for path in sorted(root.glob("*_d*")) if root.is_dir() else []:
-        m = re.fullmatch(r"(.+)_([^_]+)_d([0-9.]+)", path.name)
-        if path.is_dir() and m and m.group(1) in names and m.group(2) == method:
-            try:
-                found[float(m.group(3))] = path
-            except ValueError:
-                continue
-    return {d: next((p for k, p in found.items() if abs(k - d) < 1e-9), None) for d in densities}
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers (a quick check before trying hub data sets, whose
-    offline failure takes half a minute of retries)."""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or \
-            os.environ.get("HF_DATASETS_OFFLINE") in ("1", "true", "True"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
-def available_sources(sources: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """Split evaluation sources into those that can be read now and those that cannot
-    (with the reason): a local file in ``SPARSEGPT_DATA_DIR`` or a reachable hub."""
-    from .data import LOCAL_FILES, default_data_dir
-
-    data_dir = default_data_dir()
-    ok, missing, hub = [], {}, None
-    for source in sources:
-        if source == "stdlib" or Path(source).is_file():
-            ok.append(source)
-            continue
-        if source not in LOCAL_FILES:
-            missing[source] = "neither a file nor a known source"
-            continue
-        split = "validation" if source in ("c4", "wikitext2-valid") else "test"
-        rel = LOCAL_FILES[source].get(split)
-        if data_dir is not None and rel and (data_dir / rel).is_file():
-            ok.append(source)
-            continue
-        hub = hub_reachable() if hub is None else hub
-        if hub:
-            ok.append(source)
-        else:
-            missing[source] = "no file in SPARSEGPT_DATA_DIR and the Hugging Face hub is unreachable"
-    return ok, missing
-
-
-def load_checkpoint(path: str | Path):
-    """(model, tokenizer) from a saved pruned model: a ``save_utils`` checkpoint (it has a
-    ``manifest.json``) or a plain transformers folder."""
-    path = Path(path)
-    if (path / "manifest.json").is_file():
-        from .save_utils import load_pruned
-
-        return load_pruned(path)
-    from .models import load_model
-
-    return load_model(str(path))
-
-
-def evaluate_checkpoints(
-    model: str, method: str, densities: Sequence[float], root: str | Path | None = None,
-    sources: Sequence[str] = ("wikitext2",), eval_windows: int | None = None,
-    seqlen: int | None = None, tolerance: float = 0.01, dense_fallback: bool = True,
-    progress: bool = True,
-) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
-    """Load every saved ``<model>_<method>_d<density>`` under ``root`` (default
-    :func:`pruned_dir`), measure perplexity on each readable source and check its per-layer
-    density against the target.
-
-    Density 1 with no saved folder is the dense model itself (``dense_fallback``).
-    Returns ``(results, layers, notes)``: one tidy row per (density, source) with ``ppl``,
-    ``density_achieved``, ``layer_density_min/max`` and ``layers_off`` (layers further than
-    ``tolerance`` from the target); one row per (density, layer); and notes naming the missing
-    checkpoints and the unreadable sources.
-    """
-    from .data import eval_tokens
-    from .evaluate import density_report, overall_density, perplexity
-    from .models import load_model, model_seqlen
-
-    for d in densities:
-        if not 0 < d <= 1:
-            raise ValueError(f"densities (fraction kept) must be in (0, 1], got {d}")
-    if eval_windows is not None and eval_windows < 1:
-        raise ValueError(f"eval_windows must be >= 1 or None, got {eval_windows}")
-    root = pruned_dir(root)
-    paths = find_checkpoints(root, model, method, densities)
-    ok_sources, bad_sources = available_sources(sources)
-    notes = [f"source {s!r} skipped: {why}" for s, why in bad_sources.items()]
-    rows, layer_frames, tokens = [], [], {}
-    for density in tqdm(densities, desc="checkpoints", disable=not progress):
-        path = paths[density]
-        if path is None and not (dense_fallback and density == 1):
-            notes.append(f"missing: no checkpoint {checkpoint_name(model, method, density)} in {root}")
-            continue
-        net, tok = load_checkpoint(path) if path is not None else load_model(model)
-        report = density_report(net)
-        achieved = overall_density(report)
-        off = int(((report["density"] - density).abs() > tolerance).sum())
-        layer_frames.append(report.assign(target_density=density))
-        length = seqlen or model_seqlen(net)
-        for source in ok_sources or [None]:  # no readable source: the density check still counts
-            res = None
-            if source is not None:
-                if (source, length) not in tokens:
-                    tokens[source, length] = eval_tokens(tok, source, seqlen=length)
-                res = perplexity(net, tokens[source, length], seqlen=length, max_windows=eval_windows,
-                                 progress=False)
-            rows.append({"model": model, "method": method, "density": density, "sparsity": 1 - density,
-                         "checkpoint": path.name if path is not None else "(dense model)",
-                         "eval": source, "eval_windows": res.windows if res else 0, "seqlen": length,
-                         "eval_seqlen": length,
-                         "ppl": res.ppl if res else float("nan"),
-                         "density_achieved": achieved,
-                         "layer_density_min": float(report["density"].min()),
-                         "layer_density_max": float(report["density"].max()),
-                         "layers": len(report), "layers_off": off})
-        del net
-    layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
-    return pd.DataFrame(rows), layers, notes
-
-
-# ---------------------------------------------------------------- notebook regression outputs
-
-def refresh_notebooks(notebooks: Sequence[str | Path], workdir: str | Path | None = None,
-                      kernel: str = "python3", timeout: int = 1800) -> Path:
-    """Re-execute ``notebooks`` in order, in place, with their default parameters and the
-    environment of :func:`notebook_env` (what nbval compares against), and write each back
-    atomically. Stops at the first failing notebook (left unchanged). Returns the work folder."""
-    import nbformat
-    from nbclient import NotebookClient
-
-    workdir = Path(workdir or tempfile.mkdtemp(prefix="nbval-work-"))
-    saved = dict(os.environ)
-    os.environ.update(notebook_env(workdir))  # the kernel inherits this process's environment
-    try:
-        for path in map(Path, notebooks):
-            nb = nbformat.read(path, as_version=4)
-            start = time.perf_counter()
-            NotebookClient(nb, kernel_name=kernel, timeout=timeout,
-                           resources={"metadata": {"path": str(path.resolve().parent)}}).execute()
-            write_atomic(path, lambda tmp, nb=nb: nbformat.write(nb, tmp))
-            print(f"{path}: {time.perf_counter() - start:.0f} s")
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-    return workdir
+        return refresh_notebooks
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import nbformat
 import pandas as pd
 import pytest
+import yaml
 
-from sparsegpt_utils import plots, sweep
+from sparsegpt_utils import evaluate, plots, sweep
 
 DEMO = Path(__file__).parent / "data" / "sweep_demo.ipynb"
 
@@ -133,7 +140,7 @@ def test_cli_dry_run_combines_grid_file_and_params(tmp_path, capsys):
     assert _cli(argv) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[-1] == "4 of 4 runs to do"
-    assert all(ln.startswith("todo  sweep_demo_x=") and "_FAIL=" in ln and "y=" not in ln
+    assert all(ln.startswith("todo  sweep_demo_FAIL=") and "_x=" in ln and "y=" not in ln
                for ln in lines[:-1])
     spec.write_text("grid: {x: [1]}\nbogus: 1\n")
     with pytest.raises(ValueError, match="unknown keys \\['bogus'\\]"):
@@ -193,11 +200,11 @@ def test_find_checkpoints_matches_density_numerically_and_by_model_and_method(tm
     for name in ["facebook-opt-125m_sparsegpt_d0.50", "facebook-opt-125m_sparsegpt_d0.7",
                  "facebook-opt-125m_wanda_d0.3", "other_sparsegpt_d0.3"]:
         (tmp_path / name).mkdir()
-    found = sweep.find_checkpoints(tmp_path, "facebook/opt-125m", "sparsegpt", [0.3, 0.5, 0.7])
+    found = evaluate.find_checkpoints(tmp_path, "facebook/opt-125m", "sparsegpt", [0.3, 0.5, 0.7])
     assert found == {0.3: None, 0.5: tmp_path / "facebook-opt-125m_sparsegpt_d0.50",
                      0.7: tmp_path / "facebook-opt-125m_sparsegpt_d0.7"}
     assert sweep.checkpoint_name("facebook/opt-125m", "wanda", 0.3) == "facebook-opt-125m_wanda_d0.3"
-    assert sweep.find_checkpoints(tmp_path / "absent", "m", "wanda", [0.5]) == {0.5: None}
+    assert evaluate.find_checkpoints(tmp_path / "absent", "m", "wanda", [0.5]) == {0.5: None}
 
 
 def test_available_sources_names_what_cannot_be_read(tmp_path, monkeypatch):
@@ -205,12 +212,12 @@ def test_available_sources_names_what_cannot_be_read(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     text = tmp_path / "t.txt"
     text.write_text("hello")
-    ok, missing = sweep.available_sources(["stdlib", str(text), "ptb", "nonsense"])
+    ok, missing = evaluate.available_sources(["stdlib", str(text), "ptb", "nonsense"])
     assert ok == ["stdlib", str(text)]
     assert set(missing) == {"ptb", "nonsense"} and "unreachable" in missing["ptb"]
     (tmp_path / "ptb").mkdir()
     (tmp_path / "ptb" / "ptb.test.txt").write_text("a b c")
-    assert sweep.available_sources(["ptb"]) == (["ptb"], {})
+    assert evaluate.available_sources(["ptb"]) == (["ptb"], {})
 
 
 @pytest.mark.slow
@@ -230,7 +237,7 @@ def test_evaluate_checkpoints_measures_saved_models_and_names_missing_ones(tmp_p
     model.save_pretrained(tmp_path / "tiny_magnitude_d0.5")
     tok.save_pretrained(tmp_path / "tiny_magnitude_d0.5")
 
-    table, layers, notes = sweep.evaluate_checkpoints(
+    table, layers, notes = evaluate.evaluate_checkpoints(
         "tiny", "magnitude", [0.3, 0.5, 1], root=tmp_path, sources=["stdlib", "nonsense"],
         eval_windows=2, seqlen=64, dense_fallback=False, progress=False)
     assert len(notes) == 3
@@ -243,7 +250,18 @@ def test_evaluate_checkpoints_measures_saved_models_and_names_missing_ones(tmp_p
     want = perplexity(model, eval_tokens(tok, "stdlib"), seqlen=64, max_windows=2, progress=False)
     assert row["ppl"] == pytest.approx(want.ppl, rel=1e-5) and row["eval_windows"] == 2
     with pytest.raises(ValueError, match=r"\(0, 1\]"):
-        sweep.evaluate_checkpoints("tiny", "magnitude", [0], root=tmp_path)
+        evaluate.evaluate_checkpoints("tiny", "magnitude", [0], root=tmp_path)
+
+
+def test_older_names_stay_reachable_from_sweep():
+    from sparsegpt_utils import notebook
+
+    for name in ("evaluate_checkpoints", "find_checkpoints", "load_checkpoint", "available_sources",
+                 "hub_reachable"):
+        assert getattr(sweep, name) is getattr(evaluate, name)
+    assert sweep.refresh_notebooks is notebook.refresh_notebooks
+    with pytest.raises(AttributeError, match="no_such_name"):
+        sweep.no_such_name  # noqa: B018
 
 
 def test_atomic_writers_leave_no_temporary_files(tmp_path):
@@ -273,3 +291,107 @@ def test_plan_finds_finished_runs_by_hash_and_names_folders_by_grid_axes(tmp_pat
     again = sweep.plan_sweep(DEMO, {"x": [1, 2]}, tmp_path, base={"y": 3.0})
     assert again[1].folder == renamed and again[1].finished and not again[0].finished
     assert sweep.plan_sweep(DEMO, {"x": [2]}, tmp_path, base={"y": 4.0})[0].folder != renamed
+
+
+# ---------------------------------------------------------------- stopping a sweep
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _start_sweep(tmp_path, grid):
+    """``python -m sparsegpt_utils sweep`` on the demo notebook, in a session of its own as a
+    shell runs a command (so that Ctrl-C can be sent to its group)."""
+    spec = tmp_path / "grid.yaml"
+    spec.write_text(yaml.safe_dump({"notebook": str(DEMO), "grid": grid, "parallel": 1}))
+    return subprocess.Popen([sys.executable, "-m", "sparsegpt_utils", "sweep", "--grid", str(spec),
+                             "--out-dir", str(tmp_path / "runs")], cwd=ROOT, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def _resume(tmp_path, grid):
+    return sweep.run_sweep(DEMO, grid, tmp_path / "runs", parallel=1, gpus=[], progress=False)
+
+
+def _wait_for(condition, seconds=120.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, "timed out waiting"
+        time.sleep(0.1)
+
+
+def _csv_densities(csv):
+    return pd.read_csv(csv)["density"].tolist() if csv.is_file() else []
+
+
+def _held_tree(sweep_proc, csv, x):
+    """The sweep's descendants once the run of ``x`` is held (its row appended): the papermill
+    child and its kernel."""
+    psutil = pytest.importorskip("psutil")
+    _wait_for(lambda: x in _csv_densities(csv) or sweep_proc.poll() is not None)
+    assert sweep_proc.poll() is None, sweep_proc.communicate()
+    tree = psutil.Process(sweep_proc.pid).children(recursive=True)
+    assert any("ipykernel" in " ".join(p.cmdline()) for p in tree), [p.cmdline() for p in tree]
+    return tree
+
+
+def _orphans(tree, sweep_proc):
+    """The processes of ``tree`` still alive 10 s after the sweep ended (then killed)."""
+    psutil = pytest.importorskip("psutil")
+    if sweep_proc.poll() is None:  # the test failed before the sweep ended
+        os.killpg(sweep_proc.pid, signal.SIGKILL)
+        sweep_proc.communicate()
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for p in alive:  # never leave them behind, even when the test fails
+        with contextlib.suppress(psutil.NoSuchProcess):
+            p.kill()
+    return [" ".join(p.cmdline()) if p.is_running() else str(p.pid) for p in alive]
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_takes_its_notebook_and_kernel_with_it_and_resumes_without_duplicates(tmp_path):
+    csv, hold = tmp_path / "rows.csv", tmp_path / "hold"
+    hold.touch()
+    grid = [{"x": 1, "HOLD": str(hold), "CSV": str(csv)}]
+    proc = _start_sweep(tmp_path, grid)
+    tree = []
+    try:
+        tree = _held_tree(proc, csv, 1)
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.communicate(timeout=30)
+    finally:
+        orphans = _orphans(tree, proc)
+    assert orphans == []
+    hold.unlink()
+    assert list(_resume(tmp_path, grid)["status"]) == ["ok"]
+    assert _csv_densities(csv) == [1]  # the killed attempt's row was replaced, not repeated
+    assert sweep.collect_results(tmp_path / "runs")["density"].tolist() == [1]
+
+
+@pytest.mark.slow
+def test_ctrl_c_stops_a_sweep_at_once_and_keeps_finished_runs(tmp_path):
+    csv, hold = tmp_path / "rows.csv", tmp_path / "hold"
+    hold.touch()
+    grid = [{"x": 1}, {"x": 2, "HOLD": str(hold), "CSV": str(csv)}, {"x": 3}]
+    proc = _start_sweep(tmp_path, grid)
+    tree, err = [], ""
+    try:
+        tree = _held_tree(proc, csv, 2)
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
+        _, err = proc.communicate(timeout=30)
+    finally:
+        orphans = _orphans(tree, proc)
+    assert orphans == []
+    assert proc.returncode == 130
+    lines = [ln for ln in err.splitlines() if "interrupted" in ln]
+    assert len(lines) == 1 and lines[0].startswith("sweep: interrupted") and "Traceback" not in err
+    runs = tmp_path / "runs"
+    finished = sweep.collect_results(runs)
+    assert finished["density"].tolist() == [1]  # x=1 kept; x=2 stopped; x=3 never started
+    assert [p.name for p in runs.iterdir()] == [finished["run_id"].item()]
+    first = next(runs.glob("*/result.json")).stat().st_mtime_ns
+
+    hold.unlink()
+    assert sorted(_resume(tmp_path, grid)["status"]) == ["ok", "ok", "skipped"]
+    assert next(runs.glob("*x=1*/result.json")).stat().st_mtime_ns == first
+    assert _csv_densities(csv) == [2]  # the stopped attempt's row replaced
+    assert sorted(sweep.collect_results(runs)["density"]) == [1, 2, 3]
