@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
-import os
 import statistics
 import sys
 import time
@@ -31,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from sparsegpt_utils.models import load_model  # noqa: E402
 from sparsegpt_utils.prune import PruneConfig, prune_model  # noqa: E402
+from sparsegpt_utils.results import write_json_atomic  # noqa: E402
 from sparsegpt_utils.sparse_inference import inference_formats, sparsify_for_inference  # noqa: E402
 
 PROMPT = ("The history of the city begins in the Roman period, when a small settlement grew up "
@@ -144,9 +143,7 @@ def main(argv=None) -> pd.DataFrame:
              "max_abs_logit_diff", "greedy_agreement"]
     print("\n" + markdown(table[shown]))
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps(rows, indent=1))
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, rows)
     return table
 
 

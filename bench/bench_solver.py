@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import statistics
 import sys
@@ -48,6 +47,7 @@ from sparsegpt_utils import solver as solver_mod  # noqa: E402
 from sparsegpt_utils.data import calibration_windows, default_data_dir  # noqa: E402
 from sparsegpt_utils.models import get_adapter, load_model  # noqa: E402
 from sparsegpt_utils.prune import PruneConfig, prune_model  # noqa: E402
+from sparsegpt_utils.results import write_json_atomic  # noqa: E402
 
 
 def markdown(table: pd.DataFrame) -> str:
@@ -264,9 +264,7 @@ def main(argv=None):
         table = bench_floor(base, calib, args.threads, args.profile)
     print(markdown(table))
     if args.json:
-        tmp = Path(args.json).with_suffix(".tmp")
-        tmp.write_text(json.dumps({"args": vars(args), "rows": table.to_dict("records")}, indent=1))
-        os.replace(tmp, args.json)
+        write_json_atomic(args.json, {"args": vars(args), "rows": table.to_dict("records")})
     return table
 
 
