@@ -16,7 +16,7 @@ import tempfile
 
 import pytest
 
-from sparsegpt_utils.paths import notebook_env
+from sparsegpt_utils.paths import data_dir, notebook_env
 
 # set before the first kernel starts: kernels inherit this environment. NBVAL_WORKDIR reuses
 # the folders of an earlier run (e.g. to re-check notebooks 3 and 4 alone after notebook 1).
@@ -24,9 +24,7 @@ os.environ.update(notebook_env(os.environ.get("NBVAL_WORKDIR") or tempfile.mkdte
 
 
 def _offline_data() -> bool:
-    from sparsegpt_utils.data import default_data_dir
-
-    d = default_data_dir()
+    d = data_dir()
     return d is not None and (d / "wikitext-2-raw" / "wiki.test.raw").is_file()
 
 
