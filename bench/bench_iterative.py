@@ -27,18 +27,17 @@ from pathlib import Path
 import pandas as pd
 import torch
 
-from sparsegpt_utils.data import eval_tokens, tokenize_text
+from sparsegpt_utils.data import calibration_windows_from_ids, eval_tokens, tokenize_text
 from sparsegpt_utils.evaluate import density_report, overall_density, perplexity
 from sparsegpt_utils.finetune import FinetuneConfig, finetune, split_train_validation
 from sparsegpt_utils.iterative import (
     IterativeConfig,
-    _calibration_from,
     check_no_overlap,
-    plot_history,
     run_iterative,
     training_text,
 )
 from sparsegpt_utils.models import load_model
+from sparsegpt_utils.plots import plot_history
 from sparsegpt_utils.prune import PruneConfig, prune_model
 from sparsegpt_utils.results import write_csv_atomic
 
@@ -92,7 +91,7 @@ def main():
 
     ft = FinetuneConfig(lr=args.lr, batch_size=args.batch_size, seqlen=args.seqlen,
                         kd_weight=args.kd_weight, lm_weight=args.lm_weight, warmup_steps=2, val_windows=8)
-    calib = _calibration_from(train_part, args.calib_samples, args.calib_seqlen, 0)
+    calib = calibration_windows_from_ids(train_part, args.calib_samples, args.calib_seqlen, 0)
 
     def one_shot(d):
         """A copy of the dense model pruned by SparseGPT to density ``d``, and its masks."""

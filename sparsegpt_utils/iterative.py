@@ -1,11 +1,20 @@
 """Iterative pruning: prune → fine-tune → prune further, with masks that only shrink.
 
-At each step of the schedule (densities = fraction of weights KEPT, falling), SparseGPT is
-recalibrated on the *current* model with the previous step's masks as prior masks (a weight
-once pruned stays pruned), then the model is fine-tuned for ``train_steps × num_epochs``
-optimizer steps with its masks kept (``finetune``), distilling from the dense teacher. Each
-finished step is a checkpoint folder ``step_XX`` written atomically, carrying its history row;
-a re-run resumes after the last finished step and never rewrites a finished one.
+At each step of the schedule (densities = fraction of weights KEPT, falling), the model is
+pruned again on the *current* model with the previous step's masks as prior masks (a weight
+once pruned stays pruned), then fine-tuned for ``train_steps × num_epochs`` optimizer steps
+with its masks kept (``finetune``), distilling from the dense teacher. Each finished step is
+a checkpoint folder ``step_XX`` written atomically, carrying its history row; a re-run resumes
+after the last finished step and never rewrites a finished one.
+
+Every setting of ``config.prune`` (method, quantization, damping, block sizes, OWL, exact
+update, reconstruction, mixed precision) applies at every level; only the density changes.
+OWL's outlier ratios are measured once, on the dense model, so that every block's density
+falls from level to level and masks that only shrink can always reach it. An N:M pattern is
+the schedule's last level: the levels before it are unstructured, at the densities before
+``N/M``, and the last level keeps at most N of every M weights. With quantization, each level
+prunes and quantizes, fine-tunes in full precision, then rounds the kept weights back onto that
+level's grids: ``ppl_finetuned`` and the saved step are the quantized model.
 
 Training text never overlaps evaluation text: training windows come from the training source
 (its ``train`` split, or a file), minus a held-out tail used for validation; evaluation is on
@@ -20,23 +29,25 @@ import copy
 import json
 import math
 import os
-import random
 import shutil
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import pandas as pd
 import torch
 from torch import nn
 
-from .data import LOCAL_FILES, eval_tokens, load_text, tokenize_text
+from .data import LOCAL_FILES, calibration_windows_from_ids, eval_tokens, load_text, tokenize_text
 from .evaluate import density_report, overall_density, perplexity
 from .finetune import FinetuneConfig, current_masks, finetune, split_train_validation
-from .models import load_model
+from .mixed_precision import MixedPrecisionConfig
+from .models import load_model, pruned_linears
 from .owl import block_params, outlier_ratios, owl_densities
 from .prune import METHODS, PruneConfig, prune_model
+from .quant import QuantSpec
+from .results import write_csv_atomic, write_json_atomic
 from .save_utils import load_masked_model_single, save_pruned
 from .solver import check_density
 
@@ -46,7 +57,9 @@ __all__ = [
     "run_iterative",
     "training_text",
     "check_no_overlap",
-    "plot_history",
+    "prune_config_from_dict",
+    "prune_row_keys",
+    "round_to_grids",
     "add_cli_arguments",
     "cli_main",
 ]
@@ -63,16 +76,41 @@ def cubic_schedule(final_density: float, steps: int, initial_density: float = 1.
     return [round(1 - (s_f + (s_i - s_f) * (1 - t / steps) ** 3), 6) for t in range(1, steps + 1)]
 
 
+# settings that only a schedule may set, per level
+_PER_LEVEL = ("density", "block_densities", "prior_masks")
+
+
+def prune_config_from_dict(d: dict) -> PruneConfig:
+    """A :class:`PruneConfig` from its ``asdict`` form (as saved in a run's ``config.json``)."""
+    d = dict(d)
+    if isinstance(d.get("quant"), dict):
+        d["quant"] = QuantSpec(**d["quant"])
+    if isinstance(d.get("mixed"), dict):
+        d["mixed"] = MixedPrecisionConfig(**d["mixed"])
+    if isinstance(d.get("nm"), list):
+        d["nm"] = tuple(d["nm"])
+    known = {f.name for f in fields(PruneConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"prune: unknown PruneConfig fields {unknown}")
+    return PruneConfig(**d)
+
+
 @dataclass
 class IterativeConfig:
     """One iterative run. ``densities``: fraction of weights KEPT after each step, strictly
     falling (sparsity = 1 − density); with ``cubic_steps`` > 0 they come from
-    :func:`cubic_schedule` towards ``densities[-1]`` instead."""
+    :func:`cubic_schedule` towards ``densities[-1]`` instead.
+
+    ``prune``: how every level prunes (method, nm, quant, percdamp, blocksize, mask_blocksize,
+    owl, owl_lambda, owl_m, exact_update, reconstruct, mixed, ...); its ``density`` is replaced
+    by each level's. With ``prune.nm = (N, M)`` the last level applies the pattern:
+    ``densities[-1]`` must be ``N/M`` and the levels before it are unstructured."""
 
     model: str = "smollm2-135m"
     densities: list[float] = field(default_factory=lambda: [0.5, 0.3, 0.2, 0.1])
     cubic_steps: int = 0
-    method: str = "sparsegpt"
+    prune: PruneConfig = field(default_factory=PruneConfig)
     # calibration: drawn from the training slice of ``train_source`` (SparseGPT's random offsets)
     calib_samples: int = 8
     calib_seqlen: int = 512
@@ -87,15 +125,15 @@ class IterativeConfig:
     eval_source: str = "wikitext2"
     eval_windows: int | None = 8
     eval_seqlen: int = 2048
-    # OWL layer-wise densities (same global density)
-    owl: bool = False
-    owl_lambda: float = 0.08
-    owl_threshold: float = 5.0
     device: str | None = None  # where blocks are pruned and the model trains (default: cpu / accelerator)
 
     def __post_init__(self):
         if isinstance(self.finetune, dict):
             self.finetune = FinetuneConfig(**self.finetune)
+        if isinstance(self.prune, dict):
+            self.prune = prune_config_from_dict(self.prune)
+        if not isinstance(self.prune, PruneConfig):
+            raise ValueError(f"prune must be a PruneConfig, got {type(self.prune).__name__}")
         self.densities = [check_density(d, "densities") for d in self.densities]
         if not self.densities:
             raise ValueError("densities must list at least one density (fraction kept)")
@@ -103,8 +141,19 @@ class IterativeConfig:
             self.densities = cubic_schedule(self.densities[-1], self.cubic_steps)
         if any(b >= a for a, b in zip(self.densities, self.densities[1:], strict=False)):
             raise ValueError(f"densities must fall strictly (fraction KEPT), got {self.densities}")
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.prune.block_densities is not None or self.prune.prior_masks is not None:
+            raise ValueError("prune.block_densities and prune.prior_masks are set by the schedule per "
+                             "level (OWL: prune.owl); leave them None")
+        if self.prune.bit_allocator is not None:
+            raise ValueError("prune.bit_allocator plans widths for one density; give prune.mixed (a bit "
+                             "budget) instead: each level builds its own allocator from it")
+        if self.prune.nm is not None:
+            n, m = self.prune.nm
+            if abs(self.densities[-1] - n / m) > 1e-6:
+                raise ValueError(
+                    f"with prune.nm={n}:{m} the schedule's last level is the N:M pattern: densities[-1] "
+                    f"must be {n}/{m} = {n / m:g} (the levels before it unstructured, above it), "
+                    f"got densities {self.densities}")
         for key in ("calib_samples", "calib_seqlen", "num_epochs"):
             if getattr(self, key) < 1:
                 raise ValueError(f"{key} must be >= 1, got {getattr(self, key)}")
@@ -118,8 +167,35 @@ class IterativeConfig:
     def steps_per_level(self) -> int:
         return self.train_steps * self.num_epochs
 
+    def level_prune_config(self, level: int, block_densities=None, prior_masks=None) -> PruneConfig:
+        """The :class:`PruneConfig` of schedule level ``level`` (1-based): ``prune`` with that
+        level's density, its OWL block densities and the masks so far; N:M only at the last level."""
+        density = self.densities[level - 1]
+        last = level == len(self.densities)
+        # OWL's per-block densities come from the schedule (ratios of the dense model), not from
+        # prune_model re-measuring outliers on the pruned model
+        return replace(self.prune, density=density, nm=self.prune.nm if last else None, owl=False,
+                       block_densities=block_densities, prior_masks=prior_masks)
+
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> IterativeConfig:
+        """The config of a saved run (``config.json``). Runs saved before ``prune`` existed
+        (``method``, ``owl``, ``owl_lambda``, ``owl_threshold`` at the top level) are read into
+        ``prune``."""
+        d = dict(d)
+        prune = dict(d.pop("prune", None) or {})
+        for old, new in (("method", "method"), ("owl", "owl"), ("owl_lambda", "owl_lambda"),
+                         ("owl_threshold", "owl_m")):
+            if old in d:
+                prune[new] = d.pop(old)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown IterativeConfig fields {unknown}")
+        return cls(**d, prune=prune_config_from_dict(prune))
 
 
 # ----------------------------------------------------------------------------- data
@@ -148,19 +224,10 @@ def check_no_overlap(train: str, evaluation: str, probes: int = 20, width: int =
                          "train on a train/validation split, never the test split")
 
 
-def _calibration_from(ids: torch.Tensor, samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """SparseGPT's draw (``random.seed``; ``randint(0, n − seqlen − 1)``) over a token stream."""
-    ids = ids.reshape(1, -1)
-    if ids.shape[1] <= seqlen + 1:
-        raise ValueError(f"training text has {ids.shape[1]} tokens, fewer than calib_seqlen={seqlen} + 2")
-    random.seed(seed)
-    return torch.cat([ids[:, i:i + seqlen] for i in
-                      (random.randint(0, ids.shape[1] - seqlen - 1) for _ in range(samples))])
-
-
 # ----------------------------------------------------------------------------- checkpoints
 
-def _save_step(model: nn.Module, directory: Path, masks: dict, row: dict, tokenizer=None) -> None:
+def _save_step(model: nn.Module, directory: Path, masks: dict, row: dict, tokenizer=None,
+               grids: dict | None = None) -> None:
     """Write a finished step atomically: everything goes to a temp folder renamed into place;
     an existing finished step is never replaced."""
     if directory.exists():
@@ -168,18 +235,30 @@ def _save_step(model: nn.Module, directory: Path, masks: dict, row: dict, tokeni
     directory.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
     try:
-        _write_checkpoint(model, tmp, masks, tokenizer, row)
+        _write_checkpoint(model, tmp, masks, tokenizer, row, grids)
         (tmp / "step.json").write_text(json.dumps(row, indent=1, default=float))
         os.rename(tmp, directory)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _write_checkpoint(model, folder: Path, masks, tokenizer, row) -> None:
+def _write_checkpoint(model, folder: Path, masks, tokenizer, row, grids=None) -> None:
     # the model's own dtype: a resumed run continues from exactly these weights
-    save_pruned(model, folder / "model", tokenizer=tokenizer, masks=masks, progress=False,
+    save_pruned(model, folder / "model", tokenizer=tokenizer, masks=masks, grids=grids, progress=False,
                 dtype=next(model.parameters()).dtype,
                 metadata={k: v for k, v in row.items() if isinstance(v, (int, float, str, bool))})
+
+
+@torch.no_grad()
+def round_to_grids(model: nn.Module, grids: dict, masks: dict) -> None:
+    """Put the kept weights of every quantized layer back on its grid (round to nearest code,
+    clamped to the code range) after fine-tuning; pruned weights stay zero. ``grids``/``masks``:
+    layer name (as in :func:`models.pruned_linears`) -> :class:`quant.QuantGrid` / bool mask."""
+    layers = pruned_linears(model)
+    for name, grid in grids.items():
+        weight = layers[name].weight
+        on_grid = grid.dequantize(grid.codes(weight.detach()))
+        weight.copy_((on_grid * masks[name].to(on_grid.device)).to(weight.dtype))
 
 
 def _load_step(model: nn.Module, folder: Path) -> None:
@@ -193,13 +272,6 @@ def _finished_steps(run_dir: Path) -> list[dict]:
         if folder.is_dir() and (folder / "step.json").is_file():
             rows.append(json.loads((folder / "step.json").read_text()))
     return sorted(rows, key=lambda r: r["step"])
-
-
-def _write_csv(df: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    df.to_csv(tmp, index=False)
-    os.replace(tmp, path)
 
 
 # ----------------------------------------------------------------------------- the run
@@ -257,9 +329,10 @@ def run_iterative(
 
     done = _finished_steps(run_dir)
     ratios = None
-    if config.owl:  # on the dense model, once: densities then fall monotonically per block
-        calib = _calibration_from(train_part, config.calib_samples, config.calib_seqlen, config.seed)
-        ratios = outlier_ratios(model, calib, config.owl_threshold, device, progress)
+    if config.prune.owl:  # on the dense model, once: densities then fall monotonically per block
+        calib = calibration_windows_from_ids(train_part, config.calib_samples, config.calib_seqlen,
+                                             config.seed, "training text")
+        ratios = outlier_ratios(model, calib, config.prune.owl_m, device, progress)
 
     if done:
         _load_step(model, run_dir / f"step_{done[-1]['step']:02d}")
@@ -273,8 +346,7 @@ def run_iterative(
                     "train_tokens": 0, "masks_kept": True,
                     "prune_seconds": 0.0, "finetune_seconds": 0.0, "seconds": 0.0}]
         if main:
-            run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "dense.json").write_text(json.dumps(history[0], default=float))
+            write_json_atomic(run_dir / "dense.json", history[0])
     masks = current_masks(model) if done else None
     ft_config = FinetuneConfig(**{**asdict(config.finetune), "steps": config.steps_per_level})
 
@@ -284,11 +356,11 @@ def run_iterative(
         if stop_after is not None and step > stop_after:
             break
         t0 = time.perf_counter()
-        calib = _calibration_from(train_part, config.calib_samples, config.calib_seqlen, config.seed + step)
-        block_densities = owl_densities(ratios, density, config.owl_lambda, params) if ratios else None
-        result = prune_model(model, calib, PruneConfig(
-            method=config.method, density=density, block_densities=block_densities, prior_masks=masks),
-            device=device, progress=progress)
+        calib = calibration_windows_from_ids(train_part, config.calib_samples, config.calib_seqlen,
+                                             config.seed + step, "training text")
+        block_densities = owl_densities(ratios, density, config.prune.owl_lambda, params) if ratios else None
+        result = prune_model(model, calib, config.level_prune_config(step, block_densities, masks),
+                             device=device, progress=progress)
         masks = result.masks
         t_prune = time.perf_counter() - t0
         ppl_pruned = ppl(model) if main else float("nan")
@@ -296,6 +368,12 @@ def run_iterative(
         level_config = FinetuneConfig(**{**asdict(ft_config), "seed": config.finetune.seed + step})
         ft = finetune(model, train_part, level_config, masks=masks, teacher=teacher, val_ids=val_part,
                       accelerator=accelerator, progress=progress)
+        grids = result.grids or None
+        if grids:  # fine-tuning moved the kept weights off the level's grids: round them back
+            round_to_grids(model, grids, masks)
+        # a kept weight that is zero now (quantized to 0) counts as pruned from here on, as it
+        # does for a resumed run: zeros only grow from level to level
+        masks = current_masks(model)
         achieved = overall_density(density_report(model))
         row = {"step": step, "density_target": density, "density": achieved, "sparsity": 1 - achieved,
                "ppl_pruned": ppl_pruned, "ppl_finetuned": ppl(model) if main else float("nan"),
@@ -306,7 +384,7 @@ def run_iterative(
         if not ft.masks_kept:
             raise RuntimeError(f"step {step}: a pruned weight became nonzero during fine-tuning")
         if main:
-            _save_step(model, run_dir / f"step_{step:02d}", masks, row, tokenizer)
+            _save_step(model, run_dir / f"step_{step:02d}", masks, row, tokenizer, grids)
             print(f"step {step}: density {achieved:.4f} (sparsity {1 - achieved:.4f}), ppl after pruning "
                   f"{ppl_pruned:.2f}, after fine-tuning {row['ppl_finetuned']:.2f}, "
                   f"masks kept: {ft.masks_kept}")
@@ -317,18 +395,37 @@ def run_iterative(
     # result-row keys (DESIGN §4), so results/ readers find the run beside one-shot ones
     df["ppl"] = df["ppl_finetuned"]
     df["density_achieved"] = df["density"]
-    for key, value in (("model", config.model), ("method", config.method), ("family", "iterative"),
-                       ("calib", config.train_source), ("calib_samples", config.calib_samples),
-                       ("seqlen", config.calib_seqlen), ("seed", config.seed), ("eval", config.eval_source),
-                       ("eval_windows", config.eval_windows), ("eval_seqlen", config.eval_seqlen),
-                       ("owl", config.owl), ("lr", config.finetune.lr),
-                       ("kd_weight", config.finetune.kd_weight)):
+    settings = {"model": config.model, "family": "iterative", **prune_row_keys(config.prune),
+                "calib": config.train_source, "calib_samples": config.calib_samples,
+                "seqlen": config.calib_seqlen, "seed": config.seed, "eval": config.eval_source,
+                "eval_windows": config.eval_windows, "eval_seqlen": config.eval_seqlen,
+                "lr": config.finetune.lr, "kd_weight": config.finetune.kd_weight}
+    for key, value in settings.items():
         df[key] = value
+    if config.prune.nm is not None:  # the pattern belongs to the last level only
+        df["nm"] = [settings["nm"] if s == len(config.densities) else None for s in df["step"]]
     if main:
-        _write_csv(df, run_dir / "history.csv")
+        write_csv_atomic(run_dir / "history.csv", df)
         if results_csv is not None:
-            _write_csv(df, Path(results_csv))
+            write_csv_atomic(results_csv, df)
     return df
+
+
+def prune_row_keys(prune: PruneConfig) -> dict:
+    """The result-row keys (DESIGN §4) of the pruning settings every level used."""
+    quant, mixed = prune.quant, prune.mixed
+    row = {"method": prune.method, "nm": f"{prune.nm[0]}:{prune.nm[1]}" if prune.nm else None,
+           "wbits": None if quant is None or torch.is_tensor(quant.bits) else int(quant.bits),
+           "groupsize": None if quant is None else quant.groupsize,
+           "percdamp": prune.percdamp, "blocksize": prune.blocksize, "mask_blocksize": prune.mask_blocksize,
+           "owl": prune.owl, "exact_update": prune.exact_update, "reconstruct": prune.reconstruct}
+    if prune.owl:
+        row.update(owl_lambda=prune.owl_lambda, owl_m=prune.owl_m)
+    if prune.reconstruct:
+        row.update(reconstruct_steps=prune.reconstruct_steps, reconstruct_lr=prune.reconstruct_lr)
+    if mixed is not None:
+        row.update(target_avg_bits=mixed.target_avg_bits, bit_method=mixed.method, mixed_unit=mixed.unit)
+    return row
 
 
 def _exp(x: float) -> float:
@@ -344,96 +441,99 @@ def _dense_row(run_dir: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {"step": 0, "density": 1.0, "sparsity": 0.0}
 
 
+def _as_json(obj) -> object:
+    return json.loads(json.dumps(obj, default=str))
+
+
+def _shaping_settings(saved: dict, run_dir: Path) -> dict:
+    """The settings of a saved config that shape its finished steps, in today's layout."""
+    try:
+        config = IterativeConfig.from_dict(saved)
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"run_dir {run_dir} holds a config.json this version cannot read ({err}): "
+                         "use another run_dir") from None
+    return _as_json({"model": config.model, "train_source": config.train_source, "seed": config.seed,
+                     "prune": asdict(config.prune)})
+
+
 def _check_run_config(run_dir: Path, config: IterativeConfig, main: bool) -> None:
     """A resumed run must continue the same schedule: the finished steps' densities and the
-    settings that shaped them must match."""
+    settings that shaped them must match (configs saved before ``prune`` existed are read too)."""
     path = run_dir / "config.json"
-    now = json.loads(json.dumps(config.to_dict(), default=str))
+    now = _as_json(config.to_dict())
     if path.is_file():
         before = json.loads(path.read_text())
         done = len(_finished_steps(run_dir))
         if before.get("densities", [])[:done] != now["densities"][:done]:
             raise ValueError(f"run_dir {run_dir} holds a run with densities {before.get('densities')}; "
                              f"this config has {now['densities']}: use another run_dir")
-        for key in ("model", "method", "owl", "train_source", "seed"):
-            if before.get(key) != now[key]:
-                raise ValueError(f"run_dir {run_dir} was run with {key}={before.get(key)!r}, "
-                                 f"now {now[key]!r}: use another run_dir")
+        old, new = _shaping_settings(before, run_dir), _shaping_settings(now, run_dir)
+        for key in old:
+            if key == "prune":
+                diff = {k: (v, new[key][k]) for k, v in old[key].items() if new[key][k] != v}
+                if diff:
+                    k, (was, is_) = next(iter(diff.items()))
+                    raise ValueError(f"run_dir {run_dir} was run with prune.{k}={was!r}, now {is_!r}: "
+                                     "use another run_dir")
+            elif old[key] != new[key]:
+                raise ValueError(f"run_dir {run_dir} was run with {key}={old[key]!r}, "
+                                 f"now {new[key]!r}: use another run_dir")
     elif main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(".config.json.tmp")
-        tmp.write_text(json.dumps(now, indent=1))
-        os.replace(tmp, path)
-
-
-# ----------------------------------------------------------------------------- plot
-
-def plot_history(history: pd.DataFrame, path: str | Path | None = None, one_shot: pd.DataFrame | None = None,
-                 title: str | None = None):
-    """Perplexity against sparsity: after pruning and after fine-tuning at each step, and
-    optional one-shot points (columns ``sparsity``, ``ppl``). Saves PNG and SVG when ``path``
-    (without suffix, or ending .png) is given; returns the figure."""
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6, 4))
-    h = history.sort_values("step")
-    ax.plot(h["sparsity"], h["ppl_pruned"], "o--", label="iterative: after pruning")
-    ax.plot(h["sparsity"], h["ppl_finetuned"], "o-", label="iterative: after fine-tuning")
-    if one_shot is not None and len(one_shot):
-        ax.plot(one_shot["sparsity"], one_shot["ppl"], "s", color="C3", label="one-shot SparseGPT")
-    ax.set_yscale("log")
-    ax.set_xlabel("sparsity (fraction of weights zeroed)")
-    ax.set_ylabel("perplexity")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend()
-    ax.set_title(title or "iterative pruning + masked fine-tuning")
-    fig.tight_layout()
-    if path is not None:
-        base = Path(path).with_suffix("")
-        base.parent.mkdir(parents=True, exist_ok=True)
-        for ext in (".png", ".svg"):
-            fig.savefig(base.with_suffix(ext), dpi=120)
-    return fig
+        write_json_atomic(path, now)
 
 
 # ----------------------------------------------------------------------------- CLI
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``python -m sparsegpt_utils iterative``."""
-    d, f = IterativeConfig(), FinetuneConfig(kd_weight=1.0)
+    """Arguments of ``python -m sparsegpt_utils iterative`` (the pruning options are carried to
+    every level)."""
+    d, f, p = IterativeConfig(), FinetuneConfig(kd_weight=1.0), PruneConfig()
     a = parser.add_argument
-    a("--model", default=d.model, help="hub id, local folder, or smollm2-135m")
+    a("--model", default=d.model, help="hub id, local folder, or smollm2-135m (default %(default)s)")
     a("--densities", default=",".join(map(str, d.densities)),
       help="fraction of weights KEPT after each step, falling, comma-separated (default %(default)s)")
     a("--cubic-steps", type=int, default=0,
-      help="use a cubic schedule of this many steps to the last density")
-    a("--method", default=d.method, choices=METHODS)
-    a("--calib-samples", type=int, default=d.calib_samples)
-    a("--calib-seqlen", type=int, default=d.calib_seqlen)
-    a("--seed", type=int, default=d.seed)
+      help="use a cubic schedule of this many steps to the last density (default %(default)s: off)")
+    a("--method", default=p.method, choices=METHODS, help="default %(default)s")
+    a("--nm", default=None, help="N:M pattern at the last level; the last density must be N/M")
+    a("--wbits", type=int, default=None, help="quantize every level to this many bits (default: off)")
+    a("--groupsize", type=int, default=None, help="columns per quantization grid (default: per row)")
+    a("--percdamp", type=float, default=p.percdamp, help="Hessian damping (default %(default)s)")
+    a("--blocksize", type=int, default=p.blocksize, help="lazy-update block B (default %(default)s)")
+    a("--mask-blocksize", type=int, default=p.mask_blocksize, help="mask block Bs (default %(default)s)")
+    a("--calib-samples", type=int, default=d.calib_samples, help="default %(default)s")
+    a("--calib-seqlen", type=int, default=d.calib_seqlen, help="default %(default)s")
+    a("--seed", type=int, default=d.seed, help="default %(default)s")
     a("--train", dest="train_source", default=d.train_source,
-      help="training text: a source name (its train split) or a file path; never the eval text")
+      help="training text: a source name (its train split) or a file path; never the eval text "
+           "(default %(default)s)")
     a("--val-tokens", type=int, default=d.val_tokens,
-      help="held-out tail of the training text for validation")
-    a("--train-steps", type=int, default=d.train_steps, help="optimizer steps per epoch")
+      help="held-out tail of the training text for validation (default %(default)s)")
+    a("--train-steps", type=int, default=d.train_steps,
+      help="optimizer steps per epoch (default %(default)s)")
     a("--num-epochs", type=int, default=d.num_epochs,
-      help="epochs per step (fine-tuning steps per step = train-steps × this)")
-    a("--lr", type=float, default=f.lr)
-    a("--batch-size", type=int, default=f.batch_size, help="windows per process per micro-batch")
-    a("--grad-accum", type=int, default=f.grad_accum)
-    a("--seqlen", type=int, default=f.seqlen, help="training window length (tokens)")
-    a("--lm-weight", type=float, default=f.lm_weight)
-    a("--kd-weight", type=float, default=f.kd_weight, help="token KL to the dense teacher")
-    a("--kd-temperature", type=float, default=f.kd_temperature)
-    a("--squarehead-weight", type=float, default=f.squarehead_weight, help="per-layer normalized hidden MSE")
-    a("--warmup-steps", type=int, default=f.warmup_steps)
+      help="epochs per step (fine-tuning steps per step = train-steps × this; default %(default)s)")
+    a("--lr", type=float, default=f.lr, help="default %(default)s")
+    a("--batch-size", type=int, default=f.batch_size,
+      help="windows per process per micro-batch (default %(default)s)")
+    a("--grad-accum", type=int, default=f.grad_accum, help="default %(default)s")
+    a("--seqlen", type=int, default=f.seqlen, help="training window length in tokens (default %(default)s)")
+    a("--lm-weight", type=float, default=f.lm_weight, help="default %(default)s")
+    a("--kd-weight", type=float, default=f.kd_weight,
+      help="token KL to the dense teacher (default %(default)s)")
+    a("--kd-temperature", type=float, default=f.kd_temperature, help="default %(default)s")
+    a("--squarehead-weight", type=float, default=f.squarehead_weight,
+      help="per-layer normalized hidden MSE (default %(default)s)")
+    a("--warmup-steps", type=int, default=f.warmup_steps, help="default %(default)s")
     a("--gradient-checkpointing", action="store_true")
-    a("--mixed-precision", default="no", choices=("no", "bf16", "fp16"), help="bf16 on GPU")
-    a("--eval", dest="eval_source", default=d.eval_source)
-    a("--eval-windows", type=int, default=d.eval_windows, help="first W windows of the test text (0: all)")
-    a("--eval-seqlen", type=int, default=d.eval_seqlen)
+    a("--mixed-precision", default="no", choices=("no", "bf16", "fp16"), help="bf16 on GPU (default no)")
+    a("--eval", dest="eval_source", default=d.eval_source, help="default %(default)s")
+    a("--eval-windows", type=int, default=d.eval_windows,
+      help="first W windows of the test text (0: all; default %(default)s)")
+    a("--eval-seqlen", type=int, default=d.eval_seqlen, help="default %(default)s")
     a("--owl", action="store_true", help="OWL layer-wise densities (same global density)")
-    a("--owl-lambda", type=float, default=d.owl_lambda)
+    a("--owl-lambda", type=float, default=p.owl_lambda, help="default %(default)s")
+    a("--owl-m", type=float, default=p.owl_m, help="OWL outlier threshold (default %(default)s)")
     a("--run-dir", default=None, help="checkpoints + history (default pruned_models/iterative_<model>)")
     a("--results", default=None, help="CSV copy of the history (default results/iterative_<model>.csv)")
     a("--plot", default=None, help="plot path without suffix (default: beside --results)")
@@ -448,20 +548,29 @@ def config_from_args(args: argparse.Namespace) -> IterativeConfig:
     except ValueError as err:
         raise ValueError(f"--densities must be comma-separated numbers in (0, 1], "
                          f"got {args.densities!r}") from err
+    quant = QuantSpec(args.wbits, args.groupsize) if args.wbits else None
+    if args.groupsize is not None and quant is None:
+        raise ValueError("--groupsize needs --wbits")
+    prune = PruneConfig(method=args.method, nm=args.nm, quant=quant, percdamp=args.percdamp,
+                        blocksize=args.blocksize, mask_blocksize=args.mask_blocksize, owl=args.owl,
+                        owl_lambda=args.owl_lambda, owl_m=args.owl_m)
     return IterativeConfig(
-        model=args.model, densities=densities, cubic_steps=args.cubic_steps, method=args.method,
+        model=args.model, densities=densities, cubic_steps=args.cubic_steps, prune=prune,
         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         train_source=args.train_source, val_tokens=args.val_tokens, train_steps=args.train_steps,
         num_epochs=args.num_epochs, finetune=FinetuneConfig(**ft), eval_source=args.eval_source,
-        eval_windows=args.eval_windows or None, eval_seqlen=args.eval_seqlen, owl=args.owl,
-        owl_lambda=args.owl_lambda)
+        eval_windows=args.eval_windows or None, eval_seqlen=args.eval_seqlen)
 
 
-def cli_main(args: argparse.Namespace) -> pd.DataFrame:
+def cli_main(args: argparse.Namespace) -> int:
+    """Run ``python -m sparsegpt_utils iterative``; returns the exit code (0)."""
+    from .paths import pruned_dir, results_dir
+    from .plots import plot_history
+
     config = config_from_args(args)  # validates before any long work
     name = Path(config.model).name
-    run_dir = args.run_dir or f"pruned_models/iterative_{name}"
-    results = args.results or f"results/iterative_{name}.csv"
+    run_dir = args.run_dir or pruned_dir() / f"iterative_{name}"
+    results = args.results or results_dir() / f"iterative_{name}.csv"
     history = run_iterative(config, run_dir, results_csv=results)
     from accelerate import PartialState
 
@@ -469,4 +578,4 @@ def cli_main(args: argparse.Namespace) -> pd.DataFrame:
         plot_history(history, args.plot or Path(results).with_suffix(""))
         with pd.option_context("display.width", 160, "display.max_columns", 20):
             print(history.round(4).to_string(index=False))
-    return history
+    return 0

@@ -10,6 +10,7 @@ import pandas as pd
 import pytest
 import torch
 
+import sparsegpt_utils.prune as prune_mod
 from sparsegpt_utils.finetune import FinetuneConfig
 from sparsegpt_utils.iterative import (
     IterativeConfig,
@@ -18,12 +19,14 @@ from sparsegpt_utils.iterative import (
     check_no_overlap,
     config_from_args,
     cubic_schedule,
-    plot_history,
     run_iterative,
     training_text,
 )
 from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.owl import block_params, outlier_ratios, owl_densities
+from sparsegpt_utils.plots import plot_history
+from sparsegpt_utils.prune import PruneConfig
+from sparsegpt_utils.quant import QuantSpec
 from sparsegpt_utils.save_utils import load_pruned
 from tests.conftest import tiny_llama, tiny_opt
 
@@ -64,7 +67,9 @@ def test_config_errors_name_the_parameter():
     with pytest.raises(ValueError, match="densities"):
         IterativeConfig(densities=[0.5, 0.0])
     with pytest.raises(ValueError, match="method"):
-        IterativeConfig(method="random")
+        IterativeConfig(prune={"method": "random"})
+    with pytest.raises(ValueError, match="block_densities"):
+        IterativeConfig(prune=PruneConfig(block_densities=[0.5, 0.5]))
     with pytest.raises(ValueError, match="steps"):
         cubic_schedule(0.1, 0)
 
@@ -201,7 +206,8 @@ def test_outlier_ratios_brute_force():
 
 def test_owl_run_reaches_global_density(tmp_path):
     model = _with_outliers_in_block_1()
-    history = run_iterative(_config(owl=True, densities=[0.5, 0.3]), tmp_path / "owl", model=model,
+    history = run_iterative(_config(prune=PruneConfig(owl=True), densities=[0.5, 0.3]), tmp_path / "owl",
+                            model=model,
                             train_ids=_ids(6000, 0), eval_ids=_ids(600, 1), progress=False)
     assert history["density"].iloc[1:].tolist() == pytest.approx([0.5, 0.3], abs=2e-3)
     model, _ = load_pruned(tmp_path / "owl" / "step_02" / "model", dtype=torch.float32)
@@ -216,7 +222,7 @@ def test_cli_arguments_and_plot(tmp_path):
     args = parser.parse_args(["--densities", "0.5,0.25", "--train-steps", "3", "--num-epochs", "2",
                               "--kd-weight", "0.5", "--squarehead-weight", "1", "--owl"])
     config = config_from_args(args)
-    assert config.densities == [0.5, 0.25] and config.steps_per_level == 6 and config.owl
+    assert config.densities == [0.5, 0.25] and config.steps_per_level == 6 and config.prune.owl
     assert config.finetune.kd_weight == 0.5 and config.finetune.squarehead_weight == 1.0
     with pytest.raises(ValueError, match="--densities"):
         config_from_args(parser.parse_args(["--densities", "half"]))
@@ -224,3 +230,80 @@ def test_cli_arguments_and_plot(tmp_path):
                             "ppl_finetuned": [10.0, 12.0]})
     plot_history(history, tmp_path / "fig", one_shot=pd.DataFrame({"sparsity": [0.5], "ppl": [15.0]}))
     assert (tmp_path / "fig.png").stat().st_size > 0 and (tmp_path / "fig.svg").stat().st_size > 0
+
+
+def _spy_solver(monkeypatch):
+    """Record the settings of every SparseGPT solve (per level: one call per layer group)."""
+    calls = []
+    solve = prune_mod.sparsegpt_solve
+
+    def spy(weight, hessian, density, nm, quant, blocksize, mask_blocksize, percdamp, **kw):
+        calls.append({"density": density, "nm": nm, "bits": None if quant is None else quant.bits,
+                      "blocksize": blocksize, "mask_blocksize": mask_blocksize, "percdamp": percdamp,
+                      "prior": kw.get("prior_mask") is not None})
+        return solve(weight, hessian, density, nm, quant, blocksize, mask_blocksize, percdamp, **kw)
+
+    monkeypatch.setattr(prune_mod, "sparsegpt_solve", spy)
+    return calls
+
+
+def test_every_pruning_setting_is_carried_to_every_level(tmp_path, monkeypatch):
+    calls = _spy_solver(monkeypatch)
+    prune = PruneConfig(quant=QuantSpec(4), percdamp=0.05, blocksize=32, mask_blocksize=16)
+    history = _run(tmp_path / "run", _config(prune=prune, densities=[0.6, 0.3], train_steps=1))
+    per_level = len(calls) // 2
+    assert len(calls) == 2 * per_level and per_level > 0
+    for level, density in enumerate([0.6, 0.3]):
+        for call in calls[level * per_level:(level + 1) * per_level]:
+            assert call == {"density": density, "nm": None, "bits": 4, "blocksize": 32, "mask_blocksize": 16,
+                            "percdamp": 0.05, "prior": level > 0}
+    assert (history["wbits"] == 4).all() and (history["percdamp"] == 0.05).all()
+    assert (history["blocksize"] == 32).all() and (history["mask_blocksize"] == 16).all()
+    # every level's saved model is quantized: each row's weights on a 16-level grid, masks nested
+    before = None
+    for level in (1, 2):
+        model, _ = load_pruned(tmp_path / "run" / f"step_{level:02d}" / "model", dtype=torch.float32)
+        zeros = {}
+        for name, layer in pruned_linears(model).items():
+            for row in layer.weight:
+                assert row.unique().numel() <= 16, (level, name)
+            zeros[name] = layer.weight.eq(0)
+        if before is not None:
+            assert all(torch.all(zeros[n][before[n]]) for n in before)
+        before = zeros
+    manifest = json.loads((tmp_path / "run" / "step_02" / "model" / "manifest.json").read_text())
+    assert manifest["avg_bits"] is not None and manifest["avg_bits"] < 16
+
+
+def test_nm_is_the_last_level(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"densities\[-1\] must be 2/4"):
+        IterativeConfig(densities=[0.6, 0.3], prune=PruneConfig(nm="2:4"))
+    calls = _spy_solver(monkeypatch)
+    _run(tmp_path / "run", _config(densities=[0.75, 0.5], prune=PruneConfig(nm="2:4"), train_steps=1))
+    assert {c["nm"] for c in calls[:len(calls) // 2]} == {None}
+    assert {c["nm"] for c in calls[len(calls) // 2:]} == {(2, 4)}
+    first, last = _zeros(tmp_path / "run" / "step_01"), _zeros(tmp_path / "run" / "step_02")
+    for name in first:
+        assert torch.all(last[name][first[name]])  # masks only shrink
+        kept = (~last[name]).reshape(last[name].shape[0], -1, 4).sum(-1)
+        assert kept.max() <= 2  # at most 2 of every 4 consecutive input weights
+
+
+def test_old_run_configs_are_read_and_changed_settings_refused(tmp_path):
+    old = IterativeConfig.from_dict({"model": "m", "densities": [0.5, 0.3], "method": "wanda", "owl": True,
+                                     "owl_lambda": 0.1, "owl_threshold": 7.0, "finetune": {"kd_weight": 1.0}})
+    prune = old.prune
+    assert (prune.method, prune.owl, prune.owl_lambda, prune.owl_m) == ("wanda", True, 0.1, 7.0)
+    with pytest.raises(ValueError, match="unknown"):
+        IterativeConfig.from_dict({"densities": [0.5], "no_such_field": 1})
+    # a run saved in the old layout resumes with the same settings, refuses other ones
+    quick = dict(densities=[0.6, 0.3], train_steps=1)
+    _run(tmp_path / "run", _config(**quick), stop_after=1)
+    path = tmp_path / "run" / "config.json"
+    saved = json.loads(path.read_text())
+    prune = saved.pop("prune")
+    saved.update(method=prune["method"], owl=False, owl_lambda=0.08, owl_threshold=5.0)
+    path.write_text(json.dumps(saved))
+    with pytest.raises(ValueError, match="prune.percdamp=0.01, now 0.02"):
+        _run(tmp_path / "run", config=_config(prune=PruneConfig(percdamp=0.02), **quick))
+    assert list(_run(tmp_path / "run", _config(**quick))["step"]) == [0, 1, 2]
