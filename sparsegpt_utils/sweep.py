@@ -80,6 +80,8 @@ __all__ = [
     "run_id",
     "plan_sweep",
     "run_sweep",
+    "default_runs_dir",
+    "default_notebook",
     "collect_results",
     "load_results",
     "notebook_parameters",

@@ -280,6 +280,16 @@ def test_results_dirs_follow_the_environment(monkeypatch, tmp_path):
     assert sweep.pruned_dir().name == "pruned_models"
 
 
+def test_sweep_folders_come_from_the_path_policy_not_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("SPARSEGPT_RESULTS_DIR", str(tmp_path / "res"))
+    monkeypatch.chdir(tmp_path)
+    assert sweep.default_runs_dir() == tmp_path / "res" / "runs"
+    assert sweep.plan_sweep(DEMO, {"x": [1]})[0].folder.parent == tmp_path / "res" / "runs"
+    assert sweep.default_notebook() == ROOT / "notebooks" / "1_SparseGPT.ipynb"
+    assert sweep.default_notebook().is_file()
+    assert sweep.collect_results().empty
+
+
 def test_plan_finds_finished_runs_by_hash_and_names_folders_by_grid_axes(tmp_path):
     runs = sweep.plan_sweep(DEMO, {"x": [1, 2]}, tmp_path, base={"y": 3.0})
     assert [r.id.rsplit("_", 1)[0] for r in runs] == ["sweep_demo_x=1", "sweep_demo_x=2"]
