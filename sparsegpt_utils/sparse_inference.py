@@ -18,9 +18,11 @@ bf16, sparse tensor cores); layers that cannot be converted stay as they are.
 
 from __future__ import annotations
 
+import copy
 import statistics
 import time
 import warnings
+from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -299,19 +301,21 @@ def _flush_cache(buffer: torch.Tensor) -> None:
 
 
 @torch.no_grad()
-def decode_seconds(layer: nn.Module, in_features: int, repeats: int = 5,
-                   flush: torch.Tensor | None = None) -> float:
-    """Median seconds of one-token products with ``layer``, each from a cold cache (as in decoding,
-    where every layer's weights come from memory once per token)."""
+def decode_seconds(layers: Sequence[nn.Module], in_features: int, repeats: int = 9,
+                   flush: torch.Tensor | None = None) -> list[float]:
+    """Median seconds of a one-token product with each of ``layers``, the layers taking turns
+    (so that all see the same machine), each call from a cold cache (as in decoding, where every
+    layer's weights come from memory once per token)."""
     x = torch.randn(1, in_features)
-    times = []
+    times = [[] for _ in layers]
     for _ in range(repeats):
-        if flush is not None:
-            _flush_cache(flush)
-        t0 = time.perf_counter()
-        layer(x)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for k, layer in enumerate(layers):
+            if flush is not None:
+                _flush_cache(flush)
+            t0 = time.perf_counter()
+            layer(x)
+            times[k].append(time.perf_counter() - t0)
+    return [statistics.median(t) for t in times]
 
 
 def _make_sparse(layer: nn.Linear, kernel: str) -> nn.Module:
@@ -390,8 +394,7 @@ def sparsify_for_inference(
         if measure:
             key = (chosen, tuple(w.shape), round(kept / w.numel(), 2))
             if key not in verdict:
-                dense_s = decode_seconds(layer, layer.in_features, flush=flush)
-                sparse_s = decode_seconds(sparse, layer.in_features, flush=flush)
+                dense_s, sparse_s = decode_seconds([layer, sparse], layer.in_features, flush=flush)
                 verdict[key] = sparse_s < dense_s
             if not verdict[key]:
                 continue
@@ -456,3 +459,99 @@ def inference_formats(model: nn.Module) -> pd.DataFrame:
             density = torch.count_nonzero(dense).item() / dense.numel()
         rows.append({"layer": name, "format": fmt, "density": density, "sparsity": 1 - density})
     return pd.DataFrame(rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# generation with a KV cache, and the `generate` command
+# ---------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def greedy_decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int):
+    """Greedy continuation of ``ids`` [1, n] with a KV cache, one step at a time: yields
+    (token id, seconds) — the first step is the prompt (prefill), each later one a single token."""
+    past, step_ids = None, ids
+    for _ in range(max_new_tokens):
+        t0 = time.perf_counter()
+        out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+        token = int(out.logits[0, -1].argmax())
+        seconds = time.perf_counter() - t0
+        past, step_ids = out.past_key_values, torch.tensor([[token]])
+        yield token, seconds
+
+
+def compare_decoding(dense: nn.Module, sparse: nn.Module, ids: torch.Tensor, max_new_tokens: int) -> dict:
+    """Dense and sparse greedy decoding of the same prompt, interleaved step by step in this
+    process (the order alternating), so that both see the same machine. Tokens per second are
+    1 / median decode-step time (the prompt step excluded); ``speedup`` is their ratio;
+    ``agreement`` is the fraction of positions where the two greedy tokens are the same."""
+    gens = {"dense": greedy_decode(dense, ids, max_new_tokens),
+            "sparse": greedy_decode(sparse, ids, max_new_tokens)}
+    tokens = {k: [] for k in gens}
+    seconds = {k: [] for k in gens}
+    for step in range(max_new_tokens):
+        for name in (("dense", "sparse") if step % 2 == 0 else ("sparse", "dense")):
+            token, secs = next(gens[name])
+            tokens[name].append(token)
+            seconds[name].append(secs)
+    decode = {k: statistics.median(v[1:]) if len(v) > 1 else v[0] for k, v in seconds.items()}
+    same = sum(a == b for a, b in zip(tokens["dense"], tokens["sparse"]))
+    return {"dense_tokens_per_s": 1 / decode["dense"], "sparse_tokens_per_s": 1 / decode["sparse"],
+            "speedup": decode["dense"] / decode["sparse"], "agreement": same / max_new_tokens,
+            "dense_prefill_s": seconds["dense"][0], "sparse_prefill_s": seconds["sparse"][0],
+            "prompt_tokens": ids.shape[1], "new_tokens": max_new_tokens,
+            "dense_tokens": tokens["dense"], "sparse_tokens": tokens["sparse"]}
+
+
+def add_cli_arguments(parser) -> None:
+    """``generate``: greedy generation from a compact checkpoint with sparse CPU kernels."""
+    parser.add_argument("--checkpoint", required=True, help="folder written by prune --save")
+    parser.add_argument("--prompt", required=True, help="text to continue")
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate (>= 1)")
+    parser.add_argument("--compare-dense", action="store_true",
+                        help="also decode with the dense model, interleaved, and report both speeds")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--kernel", default="auto", choices=KERNELS,
+                        help="sparse format of the pruned layers")
+    parser.add_argument("--half-dense", action="store_true",
+                        help="also compute the dense layers and lm_head from fp16 storage")
+    parser.add_argument("--json", help="write the result object to this file")
+
+
+def cli_main(args) -> int:
+    import json
+    import resource
+
+    from .checkpoint import load_pruned
+    from .results import write_json_atomic
+
+    if args.max_new_tokens < 1:
+        raise ValueError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ValueError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    sparse, tok = load_pruned(args.checkpoint, dtype=torch.float32)
+    if tok is None:
+        raise ValueError(f"--checkpoint {args.checkpoint}: the checkpoint has no tokenizer for the prompt")
+    dense = copy.deepcopy(sparse) if args.compare_dense else None
+    sparsify_for_inference(sparse, kernel=args.kernel, half_dense=args.half_dense)
+    formats = inference_formats(sparse)["format"].value_counts().to_dict()
+    ids = tok(args.prompt, return_tensors="pt").input_ids
+    if dense is not None:
+        result = compare_decoding(dense, sparse, ids, args.max_new_tokens)
+        new = result.pop("sparse_tokens")
+        dense_new = result.pop("dense_tokens")
+        result["dense_text"] = tok.decode(dense_new, skip_special_tokens=True)
+    else:
+        steps = list(greedy_decode(sparse, ids, args.max_new_tokens))
+        new = [t for t, _ in steps]
+        decode = [s for _, s in steps[1:]] or [steps[0][1]]
+        result = {"sparse_tokens_per_s": 1 / statistics.median(decode), "sparse_prefill_s": steps[0][1],
+                  "prompt_tokens": ids.shape[1], "new_tokens": len(new)}
+    result.update(text=tok.decode(new, skip_special_tokens=True), formats=formats,
+                  threads=torch.get_num_threads(), checkpoint=str(args.checkpoint),
+                  peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
+    if args.json:
+        write_json_atomic(args.json, result)
+    print(json.dumps(result, indent=2, default=str))
+    return 0

@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import nn
 
+from sparsegpt_utils import kernels, sparse_inference
 from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
-from sparsegpt_utils import kernels, sparse_inference
 from sparsegpt_utils.sparse_inference import (
     BitmaskLinear,
     HalfLinear,
@@ -186,8 +186,9 @@ def test_auto_kernel_takes_bitmask_only_for_fp16_exact_weights():
 
 def test_measured_choice_keeps_the_faster_of_sparse_and_dense(monkeypatch):
     """With measure=True a layer becomes sparse only where its one-token product timed faster."""
-    def fake_seconds(layer, _in_features, repeats=5, flush=None):
-        return 1.0 if isinstance(layer, nn.Linear) else (0.5 if layer.in_features == 64 else 2.0)
+    def fake_seconds(layers, in_features, repeats=9, flush=None):
+        sparse = 0.5 if in_features == 64 else 2.0
+        return [1.0 if isinstance(layer, nn.Linear) else sparse for layer in layers]
 
     monkeypatch.setattr(sparse_inference, "decode_seconds", fake_seconds)
     model = _magnitude_pruned(tiny_llama, 0.3)
