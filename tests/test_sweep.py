@@ -371,10 +371,15 @@ def test_a_killed_sweep_takes_its_notebook_and_kernel_with_it_and_resumes_withou
     finally:
         orphans = _orphans(tree, proc)
     assert orphans == []
+    runs = tmp_path / "runs"
+    rid = sweep.plan_sweep(DEMO, grid, runs)[0].id
+    assert [p.name.split(".tmp-")[0] for p in runs.iterdir()] == [f".{rid}"]  # left half-written
     hold.unlink()
     assert list(_resume(tmp_path, grid)["status"]) == ["ok"]
     assert _csv_densities(csv) == [1]  # the killed attempt's row was replaced, not repeated
-    assert sweep.collect_results(tmp_path / "runs")["density"].tolist() == [1]
+    finished = sweep.collect_results(runs)
+    assert finished["density"].tolist() == [1]
+    assert [p.name for p in runs.iterdir()] == [finished["run_id"].item()]  # the half-written folder went
 
 
 @pytest.mark.slow
