@@ -28,9 +28,6 @@ import argparse
 import copy
 import json
 import math
-import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -47,7 +44,7 @@ from .models import load_model, pruned_linears
 from .owl import block_params, outlier_ratios, owl_densities
 from .prune import METHODS, PruneConfig, prune_model
 from .quant import QuantSpec
-from .results import write_csv_atomic, write_json_atomic
+from .results import atomic_dir, remove_stale_temps, write_csv_atomic, write_json_atomic
 from .save_utils import load_masked_model_single, save_pruned
 from .solver import check_density
 
@@ -228,18 +225,13 @@ def check_no_overlap(train: str, evaluation: str, probes: int = 20, width: int =
 
 def _save_step(model: nn.Module, directory: Path, masks: dict, row: dict, tokenizer=None,
                grids: dict | None = None) -> None:
-    """Write a finished step atomically: everything goes to a temp folder renamed into place;
-    an existing finished step is never replaced."""
+    """Write a finished step atomically (:func:`results.atomic_dir`: a temporary folder swapped
+    into place); an existing finished step is never replaced."""
     if directory.exists():
         raise FileExistsError(f"{directory} is a finished step; it is never overwritten")
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f".{directory.name}-"))
-    try:
+    with atomic_dir(directory) as tmp:
         _write_checkpoint(model, tmp, masks, tokenizer, row, grids)
-        (tmp / "step.json").write_text(json.dumps(row, indent=1, default=float))
-        os.rename(tmp, directory)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        write_json_atomic(tmp / "step.json", row)
 
 
 def _write_checkpoint(model, folder: Path, masks, tokenizer, row, grids=None) -> None:
@@ -327,6 +319,8 @@ def run_iterative(
         return perplexity(m, eval_ids, seqlen=config.eval_seqlen, max_windows=config.eval_windows,
                           device=device, progress=False).ppl
 
+    if main and run_dir.is_dir():
+        remove_stale_temps(run_dir)  # the half-written step of an interrupted run
     done = _finished_steps(run_dir)
     ratios = None
     if config.prune.owl:  # on the dense model, once: densities then fall monotonically per block

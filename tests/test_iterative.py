@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 
 import pandas as pd
 import pytest
@@ -117,7 +118,12 @@ def test_resume_continues_without_rewriting(tmp_path):
     assert list(part["step"]) == [0, 1]
     manifest = tmp_path / "part" / "step_01" / "model" / "manifest.json"
     before = (manifest.stat().st_mtime_ns, manifest.read_bytes())
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / "part" / f".step_02.tmp-{dead.pid}-x"  # the half-written step of a killed run
+    (stale / "model").mkdir(parents=True)
     resumed = _run(tmp_path / "part")
+    assert not stale.exists()
     assert (manifest.stat().st_mtime_ns, manifest.read_bytes()) == before  # finished step untouched
     assert list(resumed["step"]) == [0, 1, 2, 3]
     cols = ["density", "ppl_pruned", "ppl_finetuned"]  # same result as an uninterrupted run
