@@ -42,6 +42,8 @@ __all__ = [
     "eval_tokens",
     "stdlib_text",
     "default_data_dir",
+    "hub_unavailable",
+    "text_available",
 ]
 
 # name -> split -> file under SPARSEGPT_DATA_DIR (CRLF normalised on read)
@@ -239,6 +241,35 @@ def _hub_precheck() -> bool:
         raise _HubUnavailable("hub unreachable", f"unreachable ({why}); with a cached copy, set "
                                                  "HF_DATASETS_OFFLINE=1 to read it")
     return False
+
+
+def hub_unavailable() -> str | None:
+    """Why the Hugging Face hub's data sets cannot be fetched now (offline mode set, the hub
+    unreachable within 3 s, no ``datasets`` package), in a few words; None when they can."""
+    try:
+        offline = _hub_precheck()
+    except _HubUnavailable as err:
+        return str(err)
+    return "offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE set)" if offline else None
+
+
+def text_available(source: str, split: str = "test", data_dir: str | Path | None = None) -> str | None:
+    """Whether :func:`resolve_text` can read ``source`` now, without reading it: None when it
+    is a file, ``stdlib``, a file in the data folder, or the hub can be asked; else one line
+    saying why not."""
+    if source == "stdlib" or Path(source).expanduser().is_file():
+        return None
+    if source not in LOCAL_FILES:
+        return f"{source!r} is neither a file nor one of {TEXT_SOURCES}"
+    folder = Path(data_dir) if data_dir else default_data_dir()
+    rel = LOCAL_FILES[source].get(_split_of(source, split))
+    if folder is not None and rel is not None and (folder / rel).is_file():
+        return None
+    why = hub_unavailable()
+    if why is None:
+        return None
+    where = "SPARSEGPT_DATA_DIR unset" if folder is None else "not in SPARSEGPT_DATA_DIR"
+    return f"{_title(source, _split_of(source, split))}: {where}, and the Hugging Face hub is {why}"
 
 
 def _hub_text(name: str, split: str) -> tuple[str, tuple[str, ...] | None]:

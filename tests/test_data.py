@@ -222,3 +222,16 @@ def test_unusable_local_data_file_is_refused(monkeypatch, tmp_path):
 
 def test_stdlib_text_is_read_once():
     assert data.stdlib_text() is data.stdlib_text()
+
+
+def test_availability_is_told_without_reading(no_data, monkeypatch, tmp_path):
+    assert data.hub_unavailable().startswith("offline")
+    why = data.text_available("wikitext2")
+    assert why.startswith("WikiText-2 test: SPARSEGPT_DATA_DIR unset") and "hub is offline" in why
+    assert data.text_available("stdlib") is None
+    assert "neither a file" in data.text_available(str(tmp_path / "missing.txt"))
+    (tmp_path / "wikitext-2-raw").mkdir()
+    (tmp_path / WIKI_TEST).write_text("text")
+    monkeypatch.setenv("SPARSEGPT_DATA_DIR", str(tmp_path))
+    assert data.text_available("wikitext2") is None
+    assert "not in SPARSEGPT_DATA_DIR" in data.text_available("ptb")
