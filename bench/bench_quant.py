@@ -8,12 +8,13 @@ CSV are skipped, so an interrupted run resumes where it stopped.
 
     PYTHONPATH=. python bench/bench_quant.py --densities 1.0 0.5 --calib-samples 16 \
         --seqlen 512 --eval-windows 16 --out results/bench_quant.csv
+
+``--act-order`` sweeps the GPTQ / mixed runs in act-order (keys get an ``-ao`` suffix).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from sparsegpt_utils.mixed_precision import FixedWidths, MixedPrecisionAllocator
 from sparsegpt_utils.models import load_model, pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
 from sparsegpt_utils.quant import QuantSpec, grid_storage_bits, rtn_quantize
+from sparsegpt_utils.results import write_csv_atomic
 
 
 def configs(densities, targets, methods, importances, with_global):
@@ -97,6 +99,7 @@ def main(argv=None):
     p.add_argument("--eval-windows", type=int, default=16)
     p.add_argument("--global", dest="with_global", action="store_true", help="add whole-model allocations")
     p.add_argument("--only", nargs="*", default=None, help="run only these configuration keys")
+    p.add_argument("--act-order", action="store_true", help="GPTQ sweeps in act-order (keys end in -ao)")
     p.add_argument("--out", default="results/bench_quant.csv")
     p.add_argument("--table", action="store_true", help="print the CSV as a Markdown table and stop")
     args = p.parse_args(argv)
@@ -122,12 +125,15 @@ def main(argv=None):
 
     for key, kind, d, x, method, imp in configs(args.densities, args.targets, args.methods,
                                                 args.importances, args.with_global):
+        if args.act_order and kind in ("gptq", "mixed", "global"):
+            key += "-ao"
         if key in seen or (args.only and key not in args.only):
             continue
         model.load_state_dict(dense)
         t0 = time.perf_counter()
         row = {"key": key, "kind": kind, "density": d, "groupsize": G or "row", "bits_asked": x,
-               "method": method, "importance": imp}
+               "method": method, "importance": imp,
+               "act_order": args.act_order and kind in ("gptq", "mixed", "global")}
         if kind == "none" and d == 1:
             row.update(avg_bits=16.0, avg_width=16.0)
         elif kind == "none" or (kind == "rtn" and d < 1):
@@ -159,8 +165,8 @@ def main(argv=None):
                 alloc.fit_global()
                 model.load_state_dict(dense)
             spec = QuantSpec(x if kind == "gptq" else 4, G)
-            res = prune_model(model, calib, PruneConfig("sparsegpt", d, quant=spec, bit_allocator=alloc),
-                              progress=False)
+            res = prune_model(model, calib, PruneConfig("sparsegpt", d, quant=spec, bit_allocator=alloc,
+                                                        act_order=row["act_order"]), progress=False)
             row["avg_bits"], row["avg_width"] = storage_bits(model, res.masks, res.grids, G)
             if alloc is not None:
                 alloc.stats.measure(res.masks)
@@ -173,9 +179,7 @@ def main(argv=None):
         print({k: (round(v, 4) if isinstance(v, float) else v) for k, v in row.items()}, flush=True)
         done = pd.concat([done, pd.DataFrame([row])], ignore_index=True)
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_suffix(".tmp")
-        done.to_csv(tmp, index=False)
-        os.replace(tmp, out)
+        write_csv_atomic(out, done)
     if len(done):
         cols = ["key", "density", "avg_bits", "avg_width", "ppl"]
         print(done[cols].to_string(index=False))

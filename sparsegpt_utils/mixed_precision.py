@@ -45,7 +45,7 @@ from typing import Protocol, runtime_checkable
 import pandas as pd
 import torch
 
-from .quant import QuantSpec, row_storage_bits, width_map_bits
+from .quant import QuantSpec, cell_storage_bits, quant_storage_bits, row_storage_bits, width_map_bits
 from .solver import check_density, inverse_hessian_factor, nm_mask, parse_nm, prune_lowest
 
 __all__ = [
@@ -56,6 +56,7 @@ __all__ = [
     "predicted_mask",
     "row_ranges",
     "error_curves",
+    "grid_error_curves",
     "allocate_budget",
     "allocate_quantile",
     "LayerAllocation",
@@ -172,6 +173,23 @@ def row_ranges(weight: torch.Tensor, groupsize: int | None = None, sym: bool = F
 
 
 @torch.no_grad()
+def grid_error_curves(weight: torch.Tensor, hessian: torch.Tensor, bit_choices: Sequence[int],
+                      groupsize: int, sym: bool = False, mask: torch.Tensor | None = None
+                      ) -> torch.Tensor:
+    """:func:`error_curves` per grid, float64 [rows, n_groups, K]: the predicted error of each
+    group of ``groupsize`` columns of each row. ``H_jj`` (the calibration activations' energy
+    on input ``j``) makes a group that holds salient inputs cost more at every width."""
+    W, H = _prepare(weight, hessian)
+    spans = row_ranges(W, groupsize, sym, mask)  # [rows, groups]
+    hdiag = torch.diagonal(H) / 2
+    m = torch.ones_like(W) if mask is None else mask.to(W.device, torch.float64)
+    sens = torch.stack([(m[:, c:c + groupsize] * hdiag[c:c + groupsize]).sum(1)
+                        for c in range(0, W.shape[1], groupsize)], 1)
+    levels = torch.tensor([(2.0**b - 1) ** -2 for b in bit_choices], dtype=torch.float64, device=W.device)
+    return (sens * spans**2 / 12)[:, :, None] * levels
+
+
+@torch.no_grad()
 def error_curves(weight: torch.Tensor, hessian: torch.Tensor, bit_choices: Sequence[int],
                  groupsize: int | None = None, sym: bool = False,
                  mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -277,8 +295,8 @@ class LayerAllocation:
     name: str
     rows: int
     cols: int
-    bits: torch.Tensor  # int64 [rows]
-    importance: torch.Tensor  # float64 [rows] (five-factor score, or predicted error at the mean width)
+    bits: torch.Tensor  # int64 [rows] (one width per row) or [rows, n_groups] (one per grid)
+    importance: torch.Tensor  # float64, one per row or grid (five-factor score, or predicted error)
     storage_bits: float  # planned stored bits (with the predicted mask when pruned)
     predicted_error: float  # Σ_r err_r(b_r) of the error model
     actual_bits: float | None = None  # stored bits with the solver's real mask (see measure)
@@ -294,6 +312,14 @@ class QuantizationStats:
     groupsize: int | None = None
     sym: bool = False
     scale_bits: int = 16
+
+    def _weights_at(self, a: LayerAllocation) -> torch.Tensor:
+        """Weights stored at each width of ``a``, float64 [same shape as a.bits]."""
+        if a.bits.ndim == 1:
+            return torch.full(a.bits.shape, float(a.cols), dtype=torch.float64)
+        size = torch.full((a.bits.shape[1],), float(self.groupsize), dtype=torch.float64)
+        size[-1] = a.cols - self.groupsize * (a.bits.shape[1] - 1)
+        return size.expand(a.bits.shape)
 
     def record(self, alloc: LayerAllocation) -> None:
         self.layers = [a for a in self.layers if a.name != alloc.name] + [alloc]
@@ -316,11 +342,12 @@ class QuantizationStats:
 
     @property
     def avg_width(self) -> float:
-        """Parameter-weighted mean row width (values only, no metadata)."""
-        return sum(float(a.bits.double().sum()) * a.cols for a in self.layers) / max(1, self.params)
+        """Parameter-weighted mean width (values only, no metadata)."""
+        total = sum(float((a.bits.double() * self._weights_at(a)).sum()) for a in self.layers)
+        return total / max(1, self.params)
 
     def histogram(self) -> dict[int, int]:
-        """Rows per width over all layers."""
+        """Units per width over all layers (rows, or grids for layers with one width per grid)."""
         return {b: sum(int((a.bits == b).sum()) for a in self.layers) for b in self.bit_choices}
 
     def measure(self, masks: dict[str, torch.Tensor]) -> float | None:
@@ -329,21 +356,25 @@ class QuantizationStats:
         for a in self.layers:
             if a.name in masks:
                 m = masks[a.name]
-                kept = None if bool(m.all()) else m.sum(1).cpu()
-                a.actual_bits = float(row_storage_bits(a.bits, a.cols, self.groupsize, self.sym, kept,
-                                                       self.scale_bits).sum())
+                a.actual_bits = quant_storage_bits(a.rows, a.cols, a.bits, self.groupsize, self.sym,
+                                                   m.cpu().bool(), self.scale_bits)
         return self.actual_avg_bits
 
     def to_dataframe(self) -> pd.DataFrame:
-        """One row per layer: shape, avg width, bits per weight (planned / actual), rows per
-        width (``rows_Nb``), importance range, predicted error."""
+        """One row per layer: shape, unit (``row`` or ``grid``), avg width, bits per weight
+        (planned / actual), rows per width (``rows_Nb``: one-width-per-row layers), the share
+        of the layer's weights at each width (``share_Nb``), importance range, predicted error."""
         out = []
         for a in self.layers:
             n = a.rows * a.cols
+            at = self._weights_at(a)
             row = {"layer": a.name, "rows": a.rows, "columns": a.cols, "params": n,
-                   "avg_width": float(a.bits.double().mean()), "avg_bits": a.storage_bits / n,
+                   "unit": "row" if a.bits.ndim == 1 else "grid",
+                   "avg_width": float((a.bits.double() * at).sum()) / n, "avg_bits": a.storage_bits / n,
                    "avg_bits_actual": None if a.actual_bits is None else a.actual_bits / n}
-            row.update({f"rows_{b}b": int((a.bits == b).sum()) for b in self.bit_choices})
+            row.update({f"rows_{b}b": int((a.bits == b).sum()) if a.bits.ndim == 1 else None
+                        for b in self.bit_choices})
+            row.update({f"share_{b}b": float(at[a.bits == b].sum()) / n for b in self.bit_choices})
             row.update({"importance_min": float(a.importance.min()),
                         "importance_max": float(a.importance.max()),
                         "predicted_error": a.predicted_error})
@@ -384,10 +415,10 @@ class QuantizationStats:
         x = range(len(df))
         bottom = pd.Series(0.0, index=df.index)
         for b in self.bit_choices:
-            share = df[f"rows_{b}b"] / df["rows"]
+            share = df[f"share_{b}b"]
             ax.bar(x, share, bottom=bottom, width=0.9, label=f"{b} bits")
             bottom += share
-        ax.set_ylabel("share of rows")
+        ax.set_ylabel("share of weights")
         ax.set_xlabel("layer (pipeline order)")
         ax.set_xlim(-0.5, len(df) - 0.5)
         ax2 = ax.twinx()
@@ -473,8 +504,9 @@ class FixedWidths:
 
 
 class MixedPrecisionAllocator:
-    """Per-row bit widths under a bit budget; a :class:`BitAllocator` (``PruneConfig.bit_allocator``;
-    the pipeline builds one from ``PruneConfig.mixed`` with :func:`build_allocator`).
+    """Bit widths under a bit budget, per output row or per grid; a :class:`BitAllocator`
+    (``PruneConfig.bit_allocator``; the pipeline builds one from ``PruneConfig.mixed`` with
+    :func:`build_allocator`).
 
     target_avg_bits: bits per weight, every stored bit included (DESIGN §1).
     method: ``"budget"`` (minimise predicted error) or ``"quantile"`` (rank bins).
@@ -484,6 +516,12 @@ class MixedPrecisionAllocator:
     density / nm: the pruning the solver will do (the mask costs 1 bit per weight and only
     kept weights store codes; the per-row kept counts are predicted from the weights).
     scope: ``"layer"`` (each layer meets the budget) or ``"global"`` (see :meth:`fit_global`).
+    unit: ``"row"`` (one width per output row: widths int64 [rows]) or ``"group"`` (one width
+    per grid, i.e. per row and group of ``groupsize`` input columns: widths [rows, n_groups];
+    needs a groupsize). Per grid, the error model weighs each group by its inputs' activation
+    energy ``H_jj``, so groups holding salient input channels get the bits; each group's
+    grid is set when the solver's column loop reaches it (or before it, with static groups).
+    Only the ``"error"`` importance is defined per grid.
     """
 
     def __init__(self, target_avg_bits: float, method: str = "budget",
@@ -491,7 +529,7 @@ class MixedPrecisionAllocator:
                  weights: dict[str, float] | None = None, groupsize: int | None = None,
                  density: float = 1.0, nm: tuple[int, int] | str | None = None, sym: bool = False,
                  scale_bits: int = 16, percdamp: float = 0.01, mask_blocksize: int = 128,
-                 scope: str = "layer"):
+                 scope: str = "layer", unit: str = "row"):
         if method not in METHODS:
             raise ValueError(f"bit allocation method must be one of {METHODS}, got {method!r}")
         if importance not in IMPORTANCES:
@@ -511,6 +549,13 @@ class MixedPrecisionAllocator:
                              f"with a positive sum, got {weights}")
         if groupsize is not None and groupsize < 1:
             raise ValueError(f"groupsize must be a positive integer or None, got {groupsize}")
+        if unit not in UNITS:
+            raise ValueError(f"mixed-precision unit must be one of {UNITS}, got {unit!r}")
+        if unit == "group" and groupsize is None:
+            raise ValueError("mixed-precision unit 'group' needs a groupsize (input columns per width)")
+        if unit == "group" and importance != "error":
+            raise ValueError("mixed-precision unit 'group' allocates with the 'error' importance only")
+        self.unit = unit
         self.nm = parse_nm(nm)
         self.density = self.nm[0] / self.nm[1] if self.nm else check_density(density)
         self.target_avg_bits = float(target_avg_bits)
@@ -527,11 +572,13 @@ class MixedPrecisionAllocator:
     def __repr__(self) -> str:
         return (f"MixedPrecisionAllocator(target_avg_bits={self.target_avg_bits}, method={self.method!r}, "
                 f"importance={self.importance!r}, bit_choices={self.bit_choices}, "
-                f"groupsize={self.groupsize}, density={self.density}, scope={self.scope!r})")
+                f"groupsize={self.groupsize}, density={self.density}, scope={self.scope!r}, "
+                f"unit={self.unit!r})")
 
     @torch.no_grad()
     def curves(self, weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        """Per-row error [rows, K], cost [rows, K] (stored bits), importance [rows], energy.
+        """Per-unit (row, or grid with ``unit="group"``) error [units, K], cost [units, K]
+        (stored bits), importance [units], energy; ``shape`` is the widths' shape.
         ``mask`` (bool [rows, cols], True = kept): the pruning to plan for; by default the
         mask SparseGPT would choose from the weights as they are (:func:`predicted_mask`)."""
         rows, cols = weight.shape
@@ -539,6 +586,21 @@ class MixedPrecisionAllocator:
             mask = predicted_mask(weight, hessian, self.density, self.nm, self.mask_blocksize, self.percdamp)
         elif bool(mask.all()):
             mask = None
+        W = weight.detach().double()
+        energy = float((((W @ hessian.double().to(W.device)) * W).sum() / 2).clamp_min(1e-30))
+        if self.unit == "group":
+            G = self.groupsize
+            groups = -(-cols // G)
+            kept = None if mask is None else torch.stack(
+                [k.sum(1) for k in mask.cpu().split(G, dim=1)], 1).double()
+            cost = torch.stack([cell_storage_bits(torch.full((rows, groups), b), cols, G, self.sym, kept,
+                                                  self.scale_bits, self.map_bits).flatten()
+                                for b in self.bit_choices], 1)
+            err = grid_error_curves(weight, hessian, self.bit_choices, G, self.sym, mask).cpu()
+            err = err.reshape(rows * groups, -1)
+            mid = err[:, len(self.bit_choices) // 2]
+            return {"err": err, "model_err": err, "cost": cost, "importance": mid, "energy": energy,
+                    "rows": rows, "cols": cols, "shape": (rows, groups)}
         # per-row kept counts predicted from the weights as they are (the solver's real mask
         # is chosen after the widths: see refit; QuantizationStats.measure counts with it)
         kept = None if mask is None else mask.sum(1).double().cpu()
@@ -551,10 +613,8 @@ class MixedPrecisionAllocator:
             err_used, importance = score[:, None] * levels[None, :], score
         else:
             err_used, importance = err, err[:, len(self.bit_choices) // 2]
-        W = weight.detach().double()
-        energy = float((((W @ hessian.double().to(W.device)) * W).sum() / 2).clamp_min(1e-30))
         return {"err": err_used, "model_err": err, "cost": cost, "importance": importance,
-                "energy": energy, "rows": rows, "cols": cols}
+                "energy": energy, "rows": rows, "cols": cols, "shape": (rows,)}
 
     def _allocate(self, c: dict, budget: float) -> torch.Tensor:
         if self.method == "budget":
@@ -562,8 +622,8 @@ class MixedPrecisionAllocator:
         return allocate_quantile(c["importance"], c["cost"], budget)
 
     def _record(self, name: str, c: dict, choice: torch.Tensor) -> torch.Tensor:
-        r = torch.arange(c["rows"])
-        bits = torch.tensor(self.bit_choices, dtype=torch.int64)[choice]
+        r = torch.arange(c["cost"].shape[0])
+        bits = torch.tensor(self.bit_choices, dtype=torch.int64)[choice].reshape(c["shape"])
         self.stats.record(LayerAllocation(
             name, c["rows"], c["cols"], bits, c["importance"], float(c["cost"][r, choice].sum()),
             float(c["model_err"][r, choice].sum())))
@@ -571,7 +631,7 @@ class MixedPrecisionAllocator:
 
     def __call__(self, name: str, weight: torch.Tensor, hessian: torch.Tensor) -> torch.Tensor:
         """Bit width of each row of ``weight`` [rows, cols] given ``hessian`` [cols, cols];
-        int64 [rows] (on CPU)."""
+        int64 [rows] (on CPU), or of each grid, [rows, n_groups], with ``unit="group"``."""
         if self.scope == "global":
             if name not in self._plan:
                 raise KeyError(f"no global plan for layer {name!r}: call collect() on every layer "
@@ -589,7 +649,7 @@ class MixedPrecisionAllocator:
         return self._record(name, c, choice)
 
     def widths(self, name: str) -> torch.Tensor:
-        """The widths (int64 [rows]) last planned for layer ``name``."""
+        """The widths (int64 [rows], or [rows, n_groups]) last planned for layer ``name``."""
         for a in self.stats.layers:
             if a.name == name:
                 return a.bits.clone()
@@ -615,7 +675,7 @@ class MixedPrecisionAllocator:
             choice = self._allocate(c, budget)
         except ValueError:
             return None  # the real mask leaves no cheaper plan: keep the first one
-        bits = torch.tensor(self.bit_choices, dtype=torch.int64)[choice]
+        bits = torch.tensor(self.bit_choices, dtype=torch.int64)[choice].reshape(c["shape"])
         if torch.equal(bits, old.bits):
             return None
         if self.scope == "global":
@@ -629,7 +689,7 @@ class MixedPrecisionAllocator:
         of that pass)."""
         self._curves[name] = self.curves(weight, hessian)
         nearest = min(self.bit_choices, key=lambda b: abs(b - self.target_avg_bits))
-        return torch.full((weight.shape[0],), nearest, dtype=torch.int64)
+        return torch.full(self._curves[name]["shape"], nearest, dtype=torch.int64)
 
     def fit_global(self) -> dict[str, torch.Tensor]:
         """Allocate all collected rows under one budget (target × all weights); each layer's
@@ -646,8 +706,9 @@ class MixedPrecisionAllocator:
         start = 0
         for n in names:
             c = self._curves[n]
-            self._plan[n] = self._record(n, c, choice[start:start + c["rows"]])
-            start += c["rows"]
+            units = c["cost"].shape[0]
+            self._plan[n] = self._record(n, c, choice[start:start + units])
+            start += units
         return dict(self._plan)
 
 
@@ -656,8 +717,6 @@ def build_allocator(mixed: MixedPrecisionConfig, quant: QuantSpec, density: floa
                     mask_blocksize: int = 128) -> MixedPrecisionAllocator:
     """The allocator a pruning run with ``mixed`` uses: the grid (groupsize, symmetric or not)
     from ``quant``, the pruning (``density`` kept, or ``nm``) the solver will do."""
-    if mixed.unit != "row":
-        raise NotImplementedError(f"mixed-precision unit {mixed.unit!r} is not available yet; use 'row'")
     return MixedPrecisionAllocator(mixed.target_avg_bits, mixed.method, groupsize=quant.groupsize,
                                    density=density, nm=nm, sym=quant.sym, percdamp=percdamp,
-                                   mask_blocksize=mask_blocksize)
+                                   mask_blocksize=mask_blocksize, unit=mixed.unit)

@@ -29,6 +29,7 @@ __all__ = [
     "row_storage_bits",
     "quant_storage_bits",
     "grid_storage_bits",
+    "cell_storage_bits",
 ]
 
 
@@ -36,7 +37,8 @@ __all__ = [
 class QuantSpec:
     """What to quantize to.
 
-    bits: 2..8, or a per-row tensor of widths (mixed precision).
+    bits: 1..16, or widths for mixed precision: a tensor [rows] (one width per row) or
+    [rows, n_groups] (one width per grid: per row and group of ``groupsize`` columns).
     groupsize: columns per grid (``None`` = one grid per row).
     sym: symmetric grid (zero point fixed at the middle of the code range).
     mse: search a clipping ratio that minimises the squared error per row (GPTQ's ``mse``).
@@ -54,14 +56,32 @@ class QuantSpec:
             raise ValueError(f"wbits must be in [1, 16], got {bits!r}")
         if self.groupsize is not None and self.groupsize < 1:
             raise ValueError(f"groupsize must be a positive integer or None, got {self.groupsize}")
+        if torch.is_tensor(bits) and bits.ndim == 2 and self.groupsize is None:
+            raise ValueError("bits with one width per grid [rows, n_groups] needs a groupsize")
+
+    @property
+    def per_grid(self) -> bool:
+        """True when ``bits`` holds one width per grid [rows, n_groups]."""
+        return torch.is_tensor(self.bits) and self.bits.ndim == 2
 
     def row_bits(self, rows: int, device=None) -> torch.Tensor:
-        """Bit width per row, int64 [rows]."""
+        """Bit width per row, int64 [rows] (not for per-grid widths: see :meth:`grid_bits`)."""
+        if self.per_grid:
+            raise ValueError("this spec has one width per grid; use grid_bits(rows, cols)")
         if torch.is_tensor(self.bits):
             if self.bits.numel() != rows:
                 raise ValueError(f"bits has {self.bits.numel()} entries for {rows} rows")
             return self.bits.to(device=device, dtype=torch.int64).flatten()
         return torch.full((rows,), int(self.bits), dtype=torch.int64, device=device)
+
+    def grid_bits(self, rows: int, cols: int, device=None) -> torch.Tensor:
+        """Bit width of every grid, int64 [rows, n_groups] (n_groups = 1 without a groupsize)."""
+        groups = 1 if self.groupsize is None else -(-cols // self.groupsize)
+        if not self.per_grid:
+            return self.row_bits(rows, device)[:, None].expand(rows, groups).contiguous()
+        if tuple(self.bits.shape) != (rows, groups):
+            raise ValueError(f"bits has shape {list(self.bits.shape)} for {rows} rows x {groups} groups")
+        return self.bits.to(device=device, dtype=torch.int64)
 
 
 @dataclass
@@ -69,7 +89,8 @@ class QuantGrid:
     """The grids a layer was quantized on.
 
     scale, zero: float32 [rows, n_groups] (zero holds integer values).
-    bits: int64 [rows]. groupsize: columns per group, or None (n_groups = 1).
+    bits: int64 [rows] (one width per row) or [rows, n_groups] (one per grid).
+    groupsize: columns per group, or None (n_groups = 1).
     """
 
     scale: torch.Tensor
@@ -83,11 +104,16 @@ class QuantGrid:
             return torch.zeros(columns, dtype=torch.int64)
         return torch.arange(columns) // self.groupsize
 
+    def grid_bits(self) -> torch.Tensor:
+        """Bit width of every grid, int64 [rows, n_groups]."""
+        bits = self.bits.to(torch.int64)
+        return bits if bits.ndim == 2 else bits[:, None].expand(-1, self.scale.shape[1])
+
     def expand(self, columns: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """scale, zero, maxq broadcast to [rows, columns]."""
         idx = self.group_of_column(columns).to(self.scale.device)
-        maxq = (2 ** self.bits.to(self.scale.device) - 1).to(self.scale.dtype)[:, None]
-        return self.scale[:, idx], self.zero[:, idx], maxq.expand(-1, columns)
+        maxq = (2 ** self.grid_bits().to(self.scale.device) - 1).to(self.scale.dtype)
+        return self.scale[:, idx], self.zero[:, idx], maxq[:, idx]
 
     def codes(self, weight: torch.Tensor) -> torch.Tensor:
         """Integer codes of a weight that lies on this grid, int64 [rows, columns]."""
@@ -160,14 +186,15 @@ def rtn_quantize(weight: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, Q
     """Round-to-nearest baseline: quantize ``weight`` [rows, cols] on its own grids."""
     rows, cols = weight.shape
     w = weight.float()
-    bits = spec.row_bits(rows, w.device)
+    bits = spec.grid_bits(rows, cols, w.device)
     g = spec.groupsize or cols
     scales, zeros = [], []
-    for c in range(0, cols, g):
-        s, z = find_params(w[:, c:c + g], bits, spec.sym, spec.mse)
+    for k, c in enumerate(range(0, cols, g)):
+        s, z = find_params(w[:, c:c + g], bits[:, k], spec.sym, spec.mse)
         scales.append(s)
         zeros.append(z)
-    grid = QuantGrid(torch.cat(scales, 1), torch.cat(zeros, 1), bits, spec.groupsize)
+    grid = QuantGrid(torch.cat(scales, 1), torch.cat(zeros, 1), bits if spec.per_grid else bits[:, 0],
+                     spec.groupsize)
     scale, zero, maxq = grid.expand(cols)
     out = quantize(w, scale, zero, maxq)
     return out.to(weight.dtype), grid
@@ -215,14 +242,16 @@ def unpack_bits(packed: torch.Tensor, bits: int, count: int) -> torch.Tensor:
 # used by the bit allocator to meet a budget and by the checkpoint writer to report avg_bits.
 #
 # Per layer [rows, cols], stored as:
-#   values      each kept weight's code at its row's width b_r (pruned weights store no code);
+#   values      each kept weight's code at its grid's width b (pruned weights store no code);
 #   mask        1 bit per weight (a bitmap), only when some weight of the layer is pruned: a
 #               layer that keeps every weight stores no mask;
 #   scales      ``scale_bits`` (fp16: 16) per grid, one grid per row or per group of columns;
-#   zero points one integer per grid at the row's width b_r (asymmetric grids only: a symmetric
+#   zero points one integer per grid at the grid's width b (asymmetric grids only: a symmetric
 #               grid's zero point is fixed at 2**(b-1) and not stored);
-#   width map   ceil(log2(max_b - min_b + 1)) bits per row when the rows' widths differ
-#               (stored as b_r - min_b), 0 for a uniform layer.
+#   width map   ceil(log2(max_b - min_b + 1)) bits per width entry when the widths differ
+#               (stored as b - min_b), 0 for a uniform layer: one entry per row when the layer
+#               has one width per row (bits [rows]), one per grid when it has one per grid
+#               (bits [rows, n_groups]).
 # Constant per-layer headers (shapes, the width offset, dtypes) and byte padding of packed
 # buffers (< 8 bits per buffer) are not counted.
 # ---------------------------------------------------------------------------------------------
@@ -275,13 +304,49 @@ def row_storage_bits(
     return values + mask + meta + map_bits
 
 
+def cell_storage_bits(
+    bits: torch.Tensor, cols: int, groupsize: int, sym: bool = False,
+    kept: torch.Tensor | None = None, scale_bits: int = 16, map_bits: int | None = None,
+) -> torch.Tensor:
+    """Stored bits of each grid of a layer with one width per grid, float64 [rows, n_groups].
+
+    bits: int [rows, n_groups]. kept: None when nothing is pruned, else the kept weights per
+    grid [rows, n_groups] (the layer's 1-bit mask is charged to the grids, one bit per
+    weight). map_bits: width-map bits per grid (default: :func:`width_map_bits` of ``bits``).
+    """
+    rows, groups = bits.shape
+    if groups != -(-cols // groupsize):
+        raise ValueError(f"bits has {groups} groups for {cols} columns in groups of {groupsize}")
+    b = bits.to(torch.float64)
+    size = torch.full((groups,), float(groupsize), dtype=torch.float64)
+    size[-1] = cols - groupsize * (groups - 1)
+    map_bits = width_map_bits(bits) if map_bits is None else map_bits
+    if kept is not None and bool((torch.as_tensor(kept, dtype=torch.float64) >= size).all()):
+        kept = None
+    if kept is None:
+        values, mask = size * b, 0
+    else:
+        values, mask = torch.as_tensor(kept, dtype=torch.float64) * b, size
+    return values + mask + scale_bits + (0 if sym else b) + map_bits
+
+
 def quant_storage_bits(
     rows: int, cols: int, bits: torch.Tensor | int, groupsize: int | None = None, sym: bool = False,
     kept: torch.Tensor | float | None = None, scale_bits: int = 16, map_bits: int | None = None,
 ) -> float:
     """Total stored bits of a quantized ``rows × cols`` layer (divide by ``rows * cols`` for
-    bits per weight). Arguments as in :func:`row_storage_bits`; ``kept`` may also be the
-    layer's bool mask [rows, cols] (True = kept)."""
+    bits per weight). Arguments as in :func:`row_storage_bits` (or, for one width per grid
+    ``bits`` [rows, n_groups], :func:`cell_storage_bits`); ``kept`` may also be the layer's
+    bool mask [rows, cols] (True = kept)."""
+    if torch.is_tensor(bits) and bits.ndim == 2:
+        if torch.is_tensor(kept) and kept.dtype == torch.bool:
+            kept = None if bool(kept.all()) else torch.stack(
+                [k.sum(1) for k in kept.split(groupsize, dim=1)], 1)
+        elif kept is not None:
+            raise ValueError("with one width per grid, kept must be the bool mask [rows, cols]")
+        if bits.shape[0] != rows:
+            raise ValueError(f"bits has {bits.shape[0]} rows for {rows} rows")
+        return float(cell_storage_bits(bits, cols, groupsize, sym, kept, scale_bits, map_bits).sum())
     if torch.is_tensor(kept) and kept.dtype == torch.bool:
         kept = None if bool(kept.all()) else kept.sum(1)
     per_row = row_storage_bits(bits, cols, groupsize, sym, kept, scale_bits, map_bits, rows)
@@ -293,5 +358,5 @@ def quant_storage_bits(
 def grid_storage_bits(grid: QuantGrid, cols: int, mask: torch.Tensor | None = None,
                       sym: bool = False, scale_bits: int = 16) -> float:
     """Stored bits of a layer quantized on ``grid`` with bool ``mask`` [rows, cols] (or None)."""
-    return quant_storage_bits(grid.bits.numel(), cols, grid.bits.cpu(), grid.groupsize, sym,
+    return quant_storage_bits(grid.scale.shape[0], cols, grid.bits.cpu(), grid.groupsize, sym,
                               None if mask is None else mask.cpu(), scale_bits)

@@ -295,16 +295,17 @@ def sparsegpt_solve(
     prior = None if prior_mask is None else prior_mask.to(W.device, torch.bool)
 
     if quant is not None:
-        bits = quant.row_bits(rows, W.device)
-        maxq = (2 ** bits - 1).to(torch.float32)[:, None]
+        bits = quant.grid_bits(rows, cols, W.device)  # [rows, n_groups]
+        maxqs = (2 ** bits - 1).to(torch.float32)
+        maxq = maxqs[:, :1]
         group = quant.groupsize
         scales, zeros = [], []
         if group is None:  # one grid per row, fixed before the sweep
-            scale, zero = find_params(W, bits, quant.sym, quant.mse)
+            scale, zero = find_params(W, bits[:, 0], quant.sym, quant.mse)
             scales, zeros = [scale], [zero]
         elif static_groups:  # every group's grid fixed before the sweep, in the original order
-            for c in range(0, cols, group):
-                sc, ze = find_params(W[:, c:c + group], bits, quant.sym, quant.mse)
+            for k, c in enumerate(range(0, cols, group)):
+                sc, ze = find_params(W[:, c:c + group], bits[:, k], quant.sym, quant.mse)
                 scales.append(sc)
                 zeros.append(ze)
             static_scale, static_zero = torch.cat(scales, 1), torch.cat(zeros, 1)
@@ -386,6 +387,7 @@ def sparsegpt_solve(
                 if group is not None and static_groups:
                     g = group_at[col] if perm is not None else col // group
                     scale, zero = static_scale[:, g:g + 1], static_zero[:, g:g + 1]
+                    maxq = maxqs[:, g:g + 1]
                 elif group is not None and col % group == 0:
                     # The group's grid is fixed when the sweep reaches it, from its current
                     # values (kept weights only, where the mask is already known).
@@ -393,7 +395,9 @@ def sparsegpt_solve(
                     in_block = min(end, i2) - col
                     cur = torch.cat([W1[i:i + in_block].T, W[:, i2:end]], dim=1)
                     known = kept[:, col:end]
-                    scale, zero = find_params(cur * known, bits, quant.sym, quant.mse)
+                    g = col // group
+                    maxq = maxqs[:, g:g + 1]
+                    scale, zero = find_params(cur * known, bits[:, g], quant.sym, quant.mse)
                     scales.append(scale)
                     zeros.append(zero)
                 q = quantize(q[:, None], scale, zero, maxq).flatten() * kept[:, col]
@@ -415,7 +419,8 @@ def sparsegpt_solve(
     _warn_empty_rows(kept, weight, name)
     grid = None
     if quant is not None:
-        grid = QuantGrid(torch.cat(scales, 1), torch.cat(zeros, 1), bits, quant.groupsize)
+        grid = QuantGrid(torch.cat(scales, 1), torch.cat(zeros, 1), bits if quant.per_grid else bits[:, 0],
+                         quant.groupsize)
     return SolveResult(W.to(weight.dtype), kept, grid, float(losses.sum()), damp)
 
 

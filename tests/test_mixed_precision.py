@@ -382,3 +382,88 @@ def test_prune_model_with_act_order_and_mixed_precision():
             assert torch.equal(grid.dequantize(codes) * mask, layer.weight.detach())
         weights[act_order] = {n: m.weight.detach().clone() for n, m in pruned_linears(model).items()}
     assert any(not torch.equal(weights[False][n], weights[True][n]) for n in weights[True])
+
+
+def column_salient_layer(rows=64, cols=256, salient=6, tokens=2048, seed=0):
+    """A layer whose salience lies in a few input columns: ``salient`` inputs carry 10x the
+    activation of the others (activation outliers), all inside the first group of 32."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g)
+    X = torch.randn(tokens, cols, generator=g) * (0.5 + torch.rand(cols, generator=g))
+    X[:, 3:3 + salient] *= 10
+    return W, X, 2 * X.T @ X / tokens
+
+
+def test_group_unit_gives_salient_columns_the_bits_and_beats_rows_and_uniform():
+    W, X, H = column_salient_layer()
+    G = 32
+    for act_order in (False, True):
+        uniform = sparsegpt_solve(W, H, quant=QuantSpec(3, G), act_order=act_order)
+        budget = grid_storage_bits(uniform.grid, 256) / W.numel()  # the real bits of uniform 3-bit g32
+        out = {"uniform": (uniform, budget)}
+        for unit in ("row", "group"):
+            alloc = MixedPrecisionAllocator(budget, groupsize=G, unit=unit)
+            widths = alloc("layer", W, H)
+            assert widths.shape == ((64,) if unit == "row" else (64, 8))
+            res = sparsegpt_solve(W, H, quant=QuantSpec(widths, G), act_order=act_order)
+            assert torch.equal(res.grid.bits, widths)
+            codes = res.grid.codes(res.weight)
+            assert torch.equal(res.grid.dequantize(codes), res.weight)  # every weight on its grid
+            real = grid_storage_bits(res.grid, 256) / W.numel()
+            # planned with a width map for the whole 2..8 set; a narrower range stores less
+            assert real <= alloc.stats.avg_bits <= budget + 1e-9
+            out[unit] = (res, real)
+        # the group holding the salient inputs is given more bits than the others
+        per_group = out["group"][0].grid.bits.double().mean(0)
+        assert per_group[0] > per_group[1:].max()
+        err = {k: out_err(W, r.weight, X) for k, (r, _) in out.items()}
+        assert err["group"] < 0.8 * err["row"] and err["group"] < 0.8 * err["uniform"], err
+        assert out["group"][1] >= budget - 0.02  # the budget is spent, not left over
+
+
+def test_group_unit_storage_and_stats():
+    W, X, H = column_salient_layer(rows=16, cols=96)
+    alloc = MixedPrecisionAllocator(3.5, groupsize=32, unit="group", density=0.5)
+    widths = alloc("blk.0.fc1", W, H)
+    res = sparsegpt_solve(W, H, 0.5, quant=QuantSpec(widths, 32))
+    # the storage model by hand: kept codes at each grid's width, the mask, a scale and a zero
+    # point per grid, a width map entry per grid
+    b = widths.double()
+    kept = torch.stack([m.sum(1) for m in res.mask.split(32, dim=1)], 1).double()
+    by_hand = float((kept * b).sum() + res.mask.numel() + (16 + b).sum() + 3 * widths.numel())
+    assert quant_storage_bits(16, 96, widths, 32, kept=res.mask, map_bits=3) == by_hand
+    actual = alloc.stats.measure({"blk.0.fc1": res.mask})
+    assert actual == pytest.approx(grid_storage_bits(res.grid, 96, res.mask) / W.numel())
+    df = alloc.stats.to_dataframe()
+    assert df.loc[0, "unit"] == "grid"
+    shares = df[[f"share_{b}b" for b in alloc.bit_choices]].sum(1)
+    assert shares.iloc[0] == pytest.approx(1.0)
+    assert df.loc[0, "avg_width"] == pytest.approx(float(b.mean()))
+    with pytest.raises(ValueError, match="groupsize"):
+        MixedPrecisionAllocator(3.0, unit="group")
+    with pytest.raises(ValueError, match="groupsize"):
+        QuantSpec(torch.full((4, 2), 3))
+
+
+@pytest.mark.parametrize("density", [1.0, 0.5])
+def test_prune_model_with_group_unit(density):
+    calib = torch.randint(0, 128, (4, 64), generator=torch.Generator().manual_seed(0))
+    model = tiny_llama()
+    config = PruneConfig("sparsegpt", density, quant=QuantSpec(4, 32),
+                         mixed=MixedPrecisionConfig(3.5, unit="group"), act_order=True)
+    res = prune_model(model, calib, config, progress=False)
+    stats = res.quant_stats
+    assert len(stats.layers) == 14
+    for a in stats.layers:
+        layer = pruned_linears(model)[a.name]
+        grid = res.grids[a.name]
+        assert a.bits.shape == (a.rows, -(-a.cols // 32)) and torch.equal(grid.bits.cpu(), a.bits)
+        codes = grid.codes(layer.weight.detach())
+        assert torch.equal(grid.dequantize(codes) * res.masks[a.name], layer.weight.detach())
+    real = sum(grid_storage_bits(res.grids[n], pruned_linears(model)[n].in_features, res.masks[n])
+               for n in res.grids) / stats.params
+    assert real == pytest.approx(stats.actual_avg_bits) and real <= 3.5
+    # planned with a 3-bit width map entry per grid (the whole 2..8 set); the stored map is
+    # as wide as the widths really used: that slack aside, the budget is spent
+    slack = sum(a.bits.numel() * (3 - width_map_bits(a.bits)) for a in stats.layers) / stats.params
+    assert real + slack > 3.5 - 0.05, (real, slack)

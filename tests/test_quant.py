@@ -227,3 +227,21 @@ def test_grid_expand_and_codes_shapes():
     scale, zero, maxq = grid.expand(10)
     assert scale.shape == zero.shape == maxq.shape == (2, 10)
     assert grid.group_of_column(10).tolist() == [0, 0, 0, 0, 1, 1, 1, 1, 2, 2]
+
+
+def test_per_grid_widths_match_uniform_grids():
+    # one width per grid [rows, n_groups]: each grid is the uniform grid of its width
+    W, _, H = layer(rows=6, cols=96)
+    widths = torch.tensor([[2, 3, 8]] * 3 + [[4, 4, 4]] * 3)
+    q, grid = rtn_quantize(W, QuantSpec(widths, 32))
+    assert torch.equal(grid.bits, widths) and torch.equal(grid.grid_bits(), widths)
+    for b in (2, 3, 4, 8):
+        ref, _ = rtn_quantize(W, QuantSpec(b, 32))
+        sel = (widths == b).repeat_interleave(32, dim=1)
+        assert torch.equal(q[sel], ref[sel])
+    codes = grid.codes(q)
+    assert bool((codes <= (2 ** widths - 1).repeat_interleave(32, dim=1)).all())
+    res = sparsegpt_solve(W, H, quant=QuantSpec(widths, 32))
+    assert torch.equal(res.grid.dequantize(res.grid.codes(res.weight)), res.weight)
+    with pytest.raises(ValueError, match="grid_bits"):
+        QuantSpec(widths, 32).row_bits(6)
