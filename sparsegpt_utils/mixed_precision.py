@@ -390,7 +390,8 @@ class QuantizationStats:
             f"target {self.target_avg_bits:.3f} bits/weight; planned {self.avg_bits:.4f} "
             f"(values {self.avg_width:.3f} + metadata {self.avg_bits - self.avg_width:.3f})"
             + ("" if self.actual_avg_bits is None else f"; with real masks {self.actual_avg_bits:.4f}"),
-            "rows per width: " + ", ".join(f"{b}b {hist[b]} ({100 * hist[b] / total:.1f}%)" for b in hist),
+            ("rows" if all(a.bits.ndim == 1 for a in self.layers) else "rows or grids") + " per width: "
+            + ", ".join(f"{b}b {hist[b]} ({100 * hist[b] / total:.1f}%)" for b in hist),
         ]
         if self.layers:
             df = self.to_dataframe()
@@ -400,6 +401,42 @@ class QuantizationStats:
 
     def print_summary(self) -> None:
         print(self.summary())
+
+    def group_widths(self) -> pd.DataFrame:
+        """Mean width of each group of ``groupsize`` input columns (over the rows), one row per
+        layer and one column per group (``g0``, ``g1``, ...); a layer with one width per row
+        has the same mean in every group. Empty without a groupsize."""
+        if self.groupsize is None:
+            return pd.DataFrame()
+        out = []
+        for a in self.layers:
+            groups = -(-a.cols // self.groupsize)
+            bits = a.bits.double() if a.bits.ndim == 2 else a.bits.double()[:, None].expand(-1, groups)
+            out.append({"layer": a.name, **{f"g{k}": float(v) for k, v in enumerate(bits.mean(0))}})
+        return pd.DataFrame(out).set_index("layer")
+
+    def plot_groups(self, path=None, ax=None):
+        """Heat map of :meth:`group_widths`: layers down, input-column groups across. Saves to
+        ``path`` when given; returns the figure."""
+        import matplotlib.pyplot as plt
+
+        df = self.group_widths()
+        if df.empty:
+            raise ValueError("plot_groups needs an allocation with a groupsize")
+        if ax is None:
+            fig, ax = plt.subplots(figsize=(max(5, 0.25 * df.shape[1] + 3), max(3, 0.18 * len(df) + 1.5)))
+        else:
+            fig = ax.figure
+        image = ax.imshow(df.to_numpy(), aspect="auto", interpolation="nearest", cmap="viridis",
+                          vmin=self.bit_choices[0], vmax=self.bit_choices[-1])
+        ax.set_xlabel(f"input-column group ({self.groupsize} columns)")
+        ax.set_ylabel("layer (pipeline order)")
+        fig.colorbar(image, ax=ax, label="mean width (bits)")
+        ax.set_title("bit widths per layer and column group")
+        fig.tight_layout()
+        if path is not None:
+            fig.savefig(path)
+        return fig
 
     def plot(self, path=None, ax=None):
         """Stacked bars: the share of each layer's rows at each width, with bits/weight

@@ -421,7 +421,7 @@ def test_group_unit_gives_salient_columns_the_bits_and_beats_rows_and_uniform():
         assert out["group"][1] >= budget - 0.02  # the budget is spent, not left over
 
 
-def test_group_unit_storage_and_stats():
+def test_group_unit_storage_and_stats(tmp_path):
     W, X, H = column_salient_layer(rows=16, cols=96)
     alloc = MixedPrecisionAllocator(3.5, groupsize=32, unit="group", density=0.5)
     widths = alloc("blk.0.fc1", W, H)
@@ -439,6 +439,13 @@ def test_group_unit_storage_and_stats():
     shares = df[[f"share_{b}b" for b in alloc.bit_choices]].sum(1)
     assert shares.iloc[0] == pytest.approx(1.0)
     assert df.loc[0, "avg_width"] == pytest.approx(float(b.mean()))
+    groups = alloc.stats.group_widths()
+    assert list(groups.columns) == ["g0", "g1", "g2"]
+    assert groups.loc["blk.0.fc1"].tolist() == pytest.approx(b.mean(0).tolist())
+    assert groups.loc["blk.0.fc1", "g0"] > groups.loc["blk.0.fc1", "g2"]  # the salient inputs' group
+    alloc.stats.plot_groups(tmp_path / "groups.png")
+    alloc.stats.plot(tmp_path / "bits.png")
+    assert (tmp_path / "groups.png").stat().st_size > 1000 and (tmp_path / "bits.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="groupsize"):
         MixedPrecisionAllocator(3.0, unit="group")
     with pytest.raises(ValueError, match="groupsize"):
