@@ -36,7 +36,16 @@ import pandas as pd
 import torch
 from torch import nn
 
-from .data import LOCAL_FILES, calibration_windows_from_ids, eval_tokens, load_text, tokenize_text
+from .data import (
+    FALLBACK_SOURCE,
+    LOCAL_FILES,
+    TextSource,
+    calibration_windows_from_ids,
+    eval_text,
+    eval_tokens,
+    resolve_text,
+    tokenize_text,
+)
 from .evaluate import density_report, overall_density, perplexity
 from .finetune import FinetuneConfig, current_masks, finetune, split_train_validation
 from .mixed_precision import MixedPrecisionConfig
@@ -53,6 +62,7 @@ __all__ = [
     "cubic_schedule",
     "run_iterative",
     "training_text",
+    "training_source",
     "check_no_overlap",
     "prune_config_from_dict",
     "prune_row_keys",
@@ -123,6 +133,9 @@ class IterativeConfig:
     eval_windows: int | None = 8
     eval_seqlen: int = 2048
     device: str | None = None  # where blocks are pruned and the model trains (default: cpu / accelerator)
+    # a named text found nowhere (data folder, hub) is replaced by the stdlib text (training on its
+    # first 90%, evaluation on the rest when both are replaced), and the run says so
+    fallback: bool = False
 
     def __post_init__(self):
         if isinstance(self.finetune, dict):
@@ -197,15 +210,30 @@ class IterativeConfig:
 
 # ----------------------------------------------------------------------------- data
 
-def training_text(source: str) -> str:
+def training_source(source: str, fallback: bool = False) -> TextSource:
     """The training text of ``source``: its ``train`` split (``validation`` for
-    ``wikitext2-valid``, which is disjoint from WikiText-2 test), or the file at a path."""
+    ``wikitext2-valid``, which is disjoint from WikiText-2 test), or the file at a path;
+    ``fallback`` as in :func:`data.resolve_text`."""
+    if source == FALLBACK_SOURCE:
+        raise ValueError("train_source 'stdlib' is the stand-in evaluation text; give a file path instead")
     if source in LOCAL_FILES:
         split = "validation" if source == "wikitext2-valid" else "train"
-        return load_text(source, split)
-    if source == "stdlib":
-        raise ValueError("train_source 'stdlib' is the stand-in evaluation text; give a file path instead")
-    return load_text(source)
+        return resolve_text(source, split, fallback=fallback)
+    return resolve_text(source)
+
+
+def training_text(source: str) -> str:
+    """The text of :func:`training_source` (no fallback)."""
+    return training_source(source).text
+
+
+def _disjoint_fallback(train: TextSource, evaluation: TextSource, eval_share: float = 0.1):
+    """Both texts fell back to ``stdlib``: train on its first paragraphs, evaluate on the last
+    ``eval_share`` of it, so that training never sees the evaluation text."""
+    text = train.text
+    cut = text.rfind("\n\n", 0, int(len(text) * (1 - eval_share)))
+    cut = cut if cut > 0 else int(len(text) * (1 - eval_share))
+    return replace(train, text=text[:cut]), replace(evaluation, text=text[cut:].lstrip("\n"))
 
 
 def check_no_overlap(train: str, evaluation: str, probes: int = 20, width: int = 200) -> None:
@@ -301,15 +329,22 @@ def run_iterative(
     device = torch.device(config.device) if config.device else accelerator.device
     _check_run_config(run_dir, config, main)
 
+    # the texts are read (and refused, or replaced by the fallback) before the model loads
+    train_src = None if train_ids is not None else training_source(config.train_source, config.fallback)
+    eval_src = None if eval_ids is not None else eval_text(config.eval_source, fallback=config.fallback)
+    if train_src is not None and eval_src is not None:
+        if train_src.used == eval_src.used == FALLBACK_SOURCE:
+            train_src, eval_src = _disjoint_fallback(train_src, eval_src)
+        check_no_overlap(train_src.text, eval_src.text)
+    for src in (train_src, eval_src):
+        if src is not None and src.note and main:
+            print(src.note)
     if model is None:
         model, tokenizer = load_model(config.model, dtype="float32")
     if train_ids is None:
-        text = training_text(config.train_source)
-        if eval_ids is None:
-            check_no_overlap(text, load_text(config.eval_source, "test"))
-        train_ids = tokenize_text(tokenizer, text)
+        train_ids = tokenize_text(tokenizer, train_src.text)
     if eval_ids is None:
-        eval_ids = eval_tokens(tokenizer, config.eval_source)
+        eval_ids = eval_tokens(tokenizer, eval_src, seqlen=config.eval_seqlen)
     train_part, val_part = split_train_validation(train_ids, config.val_tokens)
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if _needs_teacher(config) else None
     params = block_params(model)
@@ -390,10 +425,15 @@ def run_iterative(
     df["ppl"] = df["ppl_finetuned"]
     df["density_achieved"] = df["density"]
     settings = {"model": config.model, "family": "iterative", **prune_row_keys(config.prune),
-                "calib": config.train_source, "calib_samples": config.calib_samples,
-                "seqlen": config.calib_seqlen, "seed": config.seed, "eval": config.eval_source,
+                "calib": train_src.used if train_src else config.train_source,
+                "calib_samples": config.calib_samples,
+                "seqlen": config.calib_seqlen, "seed": config.seed,
+                "eval": eval_src.used if eval_src else config.eval_source,
                 "eval_windows": config.eval_windows, "eval_seqlen": config.eval_seqlen,
                 "lr": config.finetune.lr, "kd_weight": config.finetune.kd_weight}
+    for key, src in (("calib_requested", train_src), ("eval_requested", eval_src)):
+        if src is not None and src.fell_back:
+            settings[key] = src.requested
     for key, value in settings.items():
         df[key] = value
     if config.prune.nm is not None:  # the pattern belongs to the last level only

@@ -313,3 +313,38 @@ def test_old_run_configs_are_read_and_changed_settings_refused(tmp_path):
     with pytest.raises(ValueError, match="prune.percdamp=0.01, now 0.02"):
         _run(tmp_path / "run", config=_config(prune=PruneConfig(percdamp=0.02), **quick))
     assert list(_run(tmp_path / "run", _config(**quick))["step"]) == [0, 1, 2]
+
+
+class CharTokenizer:
+    """One token per character (ids < 128, the tiny models' vocabulary); saves nothing."""
+
+    class _Out:
+        def __init__(self, ids):
+            self.input_ids = ids
+
+    def __call__(self, text, return_tensors="pt"):
+        return self._Out(torch.tensor([[ord(c) % 128 for c in text]], dtype=torch.long))
+
+    def save_pretrained(self, folder):
+        pass
+
+
+def test_offline_fallback_trains_and_evaluates_on_disjoint_text(tmp_path, monkeypatch, capsys):
+    from sparsegpt_utils.data import DataNotFoundError
+
+    monkeypatch.setenv("SPARSEGPT_DATA_DIR", "")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    config = _config(densities=[0.5], train_steps=1)
+    with pytest.raises(DataNotFoundError, match="wikitext2-valid"):
+        run_iterative(config, tmp_path / "strict", model=tiny_llama(), tokenizer=CharTokenizer(),
+                      progress=False)
+    config = _config(densities=[0.5], train_steps=1, fallback=True)
+    # the overlap check inside the run refuses a training text holding the evaluation text
+    history = run_iterative(config, tmp_path / "run", model=tiny_llama(), tokenizer=CharTokenizer(),
+                            progress=False)
+    out = capsys.readouterr().out
+    assert "WikiText-2 validation not found" in out and "WikiText-2 test not found" in out
+    assert (history["calib"] == "stdlib").all() and (history["calib_requested"] == "wikitext2-valid").all()
+    assert (history["eval"] == "stdlib").all() and (history["eval_requested"] == "wikitext2").all()
+    assert history["ppl_finetuned"].notna().all()
