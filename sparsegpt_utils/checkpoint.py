@@ -1028,10 +1028,12 @@ def _compressed_tensors_plan(manifest: dict) -> tuple[dict | None, str]:
     groups = {i["groupsize"] for i in layers.values()}
     if len(groups) != 1:
         return None, f"group sizes differ between layers ({sorted(groups, key=str)})"
-    zero = {i["zero"] for i in layers.values()}
-    if zero - {"midpoint", "packed"}:
-        return None, "zero points that are not integers on the grid"
-    return {"bits": bits, "groupsize": next(iter(groups)), "symmetric": zero == {"midpoint"}}, ""
+    if {i["zero"] for i in layers.values()} != {"midpoint"}:
+        # compressed-tensors packs asymmetric zero points in a shape transformers' loader
+        # refuses (checked with compressed-tensors 0.20 / transformers 5.24)
+        return None, ("asymmetric grids: pack-quantized zero points do not load back in transformers; "
+                      "quantize with sym=True to export this format")
+    return {"bits": bits, "groupsize": next(iter(groups)), "symmetric": True}, ""
 
 
 def _export_compressed_tensors(directory: Path, manifest: dict, out: Path, dtype: torch.dtype,
@@ -1149,14 +1151,18 @@ def _add_readme(folder: Path, text: str) -> None:
 
 def push_to_hub(checkpoint_dir: str | Path, repo_id: str, *, private: bool = False, token: str | None = None,
                 commit_message: str | None = None, revision: str | None = None) -> str:
-    """Upload a checkpoint folder (verified first) to the Hugging Face hub as model repository
-    ``repo_id`` (created if absent) with ``huggingface_hub``'s ``upload_folder``; its README.md
-    is the model card. Returns the commit URL. Any hub failure (network, login, permission) is
-    a ``RuntimeError`` of one line naming the repository and the hub."""
+    """Upload a checkpoint folder (verified first) or an export of one to the Hugging Face hub
+    as model repository ``repo_id`` (created if absent) with ``huggingface_hub``'s
+    ``upload_folder``; its README.md is the model card. Returns the commit URL. Any hub failure
+    (network, login, permission) is a ``RuntimeError`` of one line naming the repository and
+    the hub."""
     from huggingface_hub import HfApi
 
     directory = _resolve_dir(checkpoint_dir)
-    read_manifest(directory)
+    if (directory / MANIFEST).exists():
+        read_manifest(directory)
+    elif not (directory / "config.json").is_file():
+        raise CheckpointError(f"{str(directory)!r} is neither a checkpoint nor an export (no config.json)")
     if not isinstance(repo_id, str) or not re.fullmatch(r"[\w.-]+(/[\w.-]+)?", repo_id):
         raise ValueError(f"repo_id must look like 'user/name', got {repo_id!r}")
     api = HfApi(token=token)
@@ -1189,6 +1195,8 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--allow-densify", action="store_true",
                         help="with --format compressed-tensors: write a dense folder (and say so) when "
                              "the format cannot express the checkpoint, instead of refusing")
+    parser.add_argument("--push-to-hub", metavar="REPO_ID",
+                        help="then upload the export to this Hugging Face hub model repository")
 
 
 def cli_main(args: argparse.Namespace) -> int:
@@ -1201,4 +1209,11 @@ def cli_main(args: argparse.Namespace) -> int:
         return 2
     print(f"exported {args.checkpoint} -> {report['path']} ({report['format']}, {report['dtype']}): "
           f"{report['note']}")
+    if getattr(args, "push_to_hub", None):
+        try:
+            url = push_to_hub(report["path"], args.push_to_hub)
+        except (RuntimeError, ValueError, CheckpointError) as err:
+            print(f"error: export --push-to-hub: {err}", file=sys.stderr)
+            return 1
+        print(f"pushed {report['path']} -> {url}")
     return 0
