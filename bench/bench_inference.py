@@ -1,16 +1,21 @@
-"""Decode speed of a pruned model with sparse (CSR) linear layers against the same weights dense.
+"""Decode and prefill speed of pruned models on CPU: sparse kernels against the same saved model dense.
 
-For each density the model is pruned with per-matrix magnitude masks (speed depends only on
-the density, not on which weights are kept, so magnitude masks stand in for SparseGPT's), then
-timed as dense ``nn.Linear`` layers and after ``sparsify_for_inference``, the two interleaved
-token by token in one process (medians over all decode steps of all repeats; the speedup is
-the median of the per-step ratios). Agreement: the largest |Δ logit| over the prompt and
-the dense model's continuation (one teacher-forced forward each), and the fraction of greedy
-tokens the sparse model reproduces.
+For each setting (a density, or an N:M pattern) smollm2-135m is pruned with per-matrix
+magnitude masks (speed depends on the density and the pattern, not on which weights are kept,
+so magnitude masks stand in for SparseGPT's), saved as a compact checkpoint (fp16 values) and
+loaded back twice: dense (float32 ``nn.Linear``, the baseline) and with
+``sparsify_for_inference`` (bitmask + fp16 kernels, each layer kept sparse only where it measured
+faster). Both run in this process, interleaved: decoding step by step (greedy, KV cache; tokens/s
+= 1 / median step time) and a prompt of ``--prefill`` tokens (median of repeats). ``agreement``:
+the fraction of greedy tokens the sparse model shares with the dense one.
 
-    PYTHONPATH=. .venv/bin/python bench/bench_inference.py                 # smollm2-135m, CPU
-    PYTHONPATH=. .venv/bin/python bench/bench_inference.py --densities 0.1 --repeats 3
-    PYTHONPATH=. .venv/bin/python bench/bench_inference.py --device cuda --nm 2:4   # GPU, untested here
+The memory bound beside each speedup: one decoded token reads every weight once, so the ratio of
+bytes read — dense float32 (4 bytes per weight) against the sparse format (2 bytes per kept weight
++ 1/8 byte per weight of mask; ``lm_head`` as it is, or fp16 with ``half_dense``) — bounds the
+decode speedup from above, up to what the rest of the model costs.
+
+    PYTHONPATH=. .venv/bin/python bench/bench_inference.py            # 0.5, 0.3, 0.1, 2:4; 1 and 2 threads
+    PYTHONPATH=. .venv/bin/python bench/bench_inference.py --settings 0.5 --threads 1 --repeats 2
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import argparse
 import copy
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -27,123 +33,111 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sparsegpt_utils.models import load_model  # noqa: E402
+from sparsegpt_utils.checkpoint import load_pruned, save_pruned  # noqa: E402
+from sparsegpt_utils.models import load_model, pruned_linears  # noqa: E402
 from sparsegpt_utils.prune import PruneConfig, prune_model  # noqa: E402
-from sparsegpt_utils.results import write_json_atomic  # noqa: E402
-from sparsegpt_utils.sparse_inference import inference_formats, sparsify_for_inference  # noqa: E402
+from sparsegpt_utils.results import write_csv_atomic  # noqa: E402
+from sparsegpt_utils.sparse_inference import (  # noqa: E402
+    compare_decoding,
+    inference_formats,
+    sparsify_for_inference,
+)
 
 PROMPT = ("The history of the city begins in the Roman period, when a small settlement grew up "
           "around the river crossing. In the centuries that followed,")
 
 
-def _sync(device):
-    if torch.device(device).type == "cuda":
-        torch.cuda.synchronize()
-
-
-def markdown(table: pd.DataFrame) -> str:
-    """The table as Markdown (needs the ``tabulate`` package), else as plain text."""
-    try:
-        return table.to_markdown(index=False)
-    except ImportError:
-        return table.to_string(index=False)
+def bytes_per_token(model, half_dense: bool) -> tuple[int, int]:
+    """(dense float32 bytes, sparse-format bytes) read per decoded token by the pruned layers and
+    ``lm_head`` (embeddings read one row, norms are negligible)."""
+    dense = sparse = 0
+    for layer in pruned_linears(model).values():
+        n = layer.weight.numel()
+        kept = int(torch.count_nonzero(layer.weight))
+        dense += 4 * n
+        sparse += 2 * kept + n // 8
+    head = model.get_output_embeddings().weight.numel()
+    return dense + 4 * head, sparse + (2 if half_dense else 4) * head
 
 
 @torch.no_grad()
-def paired_decode(models, ids: torch.Tensor, new_tokens: int) -> tuple[list[list[float]], list[torch.Tensor]]:
-    """Greedy decoding with the KV cache, the models taking turns token by token (alternating
-    which goes first) so that each pair of steps sees the same machine load. Returns the
-    seconds of every decode step per model (the prompt's forward is not timed) and the
-    generated ids [1, new_tokens] per model."""
-    state = []
-    for model in models:
-        out = model(input_ids=ids, use_cache=True)
-        state.append([out.past_key_values, out.logits[:, -1:].argmax(-1)])
-    toks = [[s[1]] for s in state]
-    times = [[] for _ in models]
-    for step in range(new_tokens - 1):
-        order = range(len(models)) if step % 2 == 0 else reversed(range(len(models)))
-        for k in order:
-            past, tok = state[k]
-            _sync(ids.device)
+def prefill_seconds(dense, sparse, ids: torch.Tensor, repeats: int) -> tuple[float, float]:
+    times = ([], [])
+    for r in range(repeats):
+        for k in ((0, 1) if r % 2 == 0 else (1, 0)):
             t0 = time.perf_counter()
-            out = models[k](input_ids=tok, past_key_values=past, use_cache=True)
-            nxt = out.logits[:, -1:].argmax(-1)
-            _sync(ids.device)
+            (dense, sparse)[k](input_ids=ids, use_cache=False)
             times[k].append(time.perf_counter() - t0)
-            state[k] = [out.past_key_values, nxt]
-            toks[k].append(nxt)
-    return times, [torch.cat(t, 1) for t in toks]
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main(argv=None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
-    p.add_argument("--densities", type=float, nargs="+", default=[0.5, 0.3, 0.1])
-    p.add_argument("--nm", default=None, help="N:M masks instead of densities (e.g. 2:4, for the GPU path)")
-    p.add_argument("--max-density", type=float, default=0.3,
-                   help="sparsify_for_inference threshold (layers at or below it become CSR)")
-    p.add_argument("--force", action="store_true",
-                   help="also time CSR at densities above --max-density (max_density=1)")
+    p.add_argument("--settings", nargs="+", default=["0.5", "0.3", "0.1", "2:4"],
+                   help="densities (fraction kept) or N:M patterns")
+    p.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     p.add_argument("--new-tokens", type=int, default=32)
+    p.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill timing")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch threads (1 by default: steadier timings on a shared machine)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--json", default=None, help="write the table as JSON records here")
+    p.add_argument("--half-dense", action="store_true", help="also lm_head and dense layers from fp16")
+    p.add_argument("--out", default="results/bench_inference.csv")
     args = p.parse_args(argv)
-    if args.new_tokens < 2 or args.repeats < 1:
-        p.error("--new-tokens must be >= 2 and --repeats >= 1")
-    torch.set_num_threads(args.threads)
+    if args.new_tokens < 2 or args.repeats < 1 or args.prefill < 2:
+        p.error("--new-tokens and --prefill must be >= 2 and --repeats >= 1")
 
-    base, tok = load_model(args.model, device=args.device)
-    ids = tok(PROMPT, return_tensors="pt").input_ids.to(args.device)
-    settings = [("nm", args.nm)] if args.nm else [("density", d) for d in args.densities]
+    base, tok = load_model(args.model)
+    prompt = tok(PROMPT, return_tensors="pt").input_ids
+    long_ids = torch.randint(0, base.config.vocab_size, (1, args.prefill),
+                             generator=torch.Generator().manual_seed(0))
     rows = []
-    for kind, value in settings:
-        dense = copy.deepcopy(base)
-        cfg = PruneConfig(method="magnitude", nm=value) if kind == "nm" else \
-            PruneConfig(method="magnitude", density=value)
-        prune_model(dense, None, cfg, progress=False)
-        variants = [("auto", args.max_density)]
-        if args.force and kind == "density" and value > args.max_density:
-            variants.append(("forced", 1.0))
-        for label, threshold in variants:
-            sparse = sparsify_for_inference(copy.deepcopy(dense), max_density=threshold)
+    for setting in args.settings:
+        nm = setting if ":" in setting else None
+        model = copy.deepcopy(base)
+        cfg = PruneConfig(method="magnitude", nm=nm, density=1.0 if nm else float(setting))
+        result = prune_model(model, None, cfg, progress=False)
+        with tempfile.TemporaryDirectory() as tmp:
+            save_pruned(model, Path(tmp) / "ckpt", tok, result.masks, progress=False)
+            dense, _ = load_pruned(Path(tmp) / "ckpt", dtype=torch.float32)
+        del model
+        dense_bytes, sparse_bytes = bytes_per_token(dense, args.half_dense)
+        density = 0.5 if nm else float(setting)
+        for threads in args.threads:
+            torch.set_num_threads(threads)
+            sparse = sparsify_for_inference(copy.deepcopy(dense), half_dense=args.half_dense)
             formats = inference_formats(sparse)["format"].value_counts().to_dict()
-            paired_decode([dense, sparse], ids, 4)  # warm up
-            dense_s, sparse_s = [], []
-            for _ in range(args.repeats):
-                (d_s, s_s), (dense_ids, sparse_ids) = paired_decode([dense, sparse], ids, args.new_tokens)
-                dense_s += d_s
-                sparse_s += s_s
-            full = torch.cat([ids, dense_ids], 1)
-            with torch.no_grad():
-                diff = (dense(input_ids=full).logits - sparse(input_ids=full).logits).abs().max().item()
-            d_med, s_med = 1 / statistics.median(dense_s), 1 / statistics.median(sparse_s)
-            # per step pair: dense seconds / sparse seconds, median over all pairs
-            speedup = statistics.median(d / s for d, s in zip(dense_s, sparse_s, strict=True))
-            dens = 0.5 if kind == "nm" else value
-            rows.append({
-                "model": args.model, "masks": f"magnitude {value}" if kind == "nm" else "magnitude",
-                "density": dens, "sparsity": 1 - dens, "max_density": threshold, "variant": label,
-                "layers": ", ".join(f"{n} {f}" for f, n in formats.items()),
-                "dense_tok_s": round(d_med, 2), "sparse_tok_s": round(s_med, 2),
-                "speedup": round(speedup, 3),
-                "max_abs_logit_diff": float(f"{diff:.3g}"),
-                "greedy_agreement": float((sparse_ids == dense_ids).float().mean()),
-                "new_tokens": args.new_tokens, "repeats": args.repeats, "threads": args.threads,
-                "device": args.device,
-            })
-            print(pd.DataFrame(rows[-1:]).to_string(index=False), flush=True)
+            compare_decoding(dense, sparse, prompt, 4)  # warm up
+            runs = [compare_decoding(dense, sparse, prompt, args.new_tokens) for _ in range(args.repeats)]
+            pre_dense, pre_sparse = prefill_seconds(dense, sparse, long_ids, args.repeats)
+            row = {
+                "model": args.model, "masks": "magnitude", "setting": setting, "density": density,
+                "sparsity": 1 - density, "threads": threads, "half_dense": args.half_dense,
+                "layers": ", ".join(f"{n} {f}" for f, n in sorted(formats.items())),
+                "dense_tok_s": round(statistics.median(r["dense_tokens_per_s"] for r in runs), 2),
+                "sparse_tok_s": round(statistics.median(r["sparse_tokens_per_s"] for r in runs), 2),
+                "decode_speedup": round(statistics.median(r["speedup"] for r in runs), 3),
+                "decode_bound": round(dense_bytes / sparse_bytes, 2),
+                "dense_MB_per_token": round(dense_bytes / 1e6, 1),
+                "sparse_MB_per_token": round(sparse_bytes / 1e6, 1),
+                "agreement": min(r["agreement"] for r in runs),
+                f"prefill{args.prefill}_dense_s": round(pre_dense, 3),
+                f"prefill{args.prefill}_sparse_s": round(pre_sparse, 3),
+                "prefill_speedup": round(pre_dense / pre_sparse, 3),
+                "new_tokens": args.new_tokens, "repeats": args.repeats,
+            }
+            rows.append(row)
+            print(pd.DataFrame([row]).to_string(index=False), flush=True)
             del sparse
         del dense
     table = pd.DataFrame(rows)
-    shown = ["density", "sparsity", "variant", "layers", "dense_tok_s", "sparse_tok_s", "speedup",
-             "max_abs_logit_diff", "greedy_agreement"]
-    print("\n" + markdown(table[shown]))
-    if args.json:
-        write_json_atomic(args.json, rows)
+    if args.out:
+        write_csv_atomic(args.out, table)
+    shown = ["setting", "sparsity", "threads", "dense_tok_s", "sparse_tok_s", "decode_speedup",
+             "decode_bound", "prefill_speedup", "agreement", "layers"]
+    try:
+        print("\n" + table[shown].to_markdown(index=False))
+    except ImportError:
+        print("\n" + table[shown].to_string(index=False))
     return table
 
 

@@ -19,6 +19,7 @@ bf16, sparse tensor cores); layers that cannot be converted stay as they are.
 from __future__ import annotations
 
 import copy
+import inspect
 import statistics
 import time
 import warnings
@@ -30,7 +31,7 @@ import torch
 from torch import nn
 
 from . import kernels
-from .models import get_adapter
+from .models import MatrixView, get_adapter, pruned_linears
 
 __all__ = [
     "BitmaskLinear",
@@ -359,6 +360,10 @@ def sparsify_for_inference(
     if kernel == "bitmask" and not kernels.available():
         raise ValueError(f"kernel='bitmask' needs the compiled CPU kernels: {kernels.build_error()}")
     use_semi = semi_structured is True or (semi_structured == "auto" and on_cuda)
+    conv1d = [n for n, m in pruned_linears(model).items() if isinstance(m, MatrixView) and m.transposed]
+    if conv1d:
+        raise ValueError(f"sparse inference converts nn.Linear layers; {len(conv1d)} pruned layers of this "
+                         f"model are GPT-2 style Conv1D (weight [in, out]), e.g. {conv1d[0]}: not supported")
     layers = list(_decoder_linears(model))
     for _parent, _attr, name, layer in layers:
         w = layer.weight if isinstance(layer, nn.Linear) else None
@@ -469,13 +474,16 @@ def inference_formats(model: nn.Module) -> pd.DataFrame:
 def greedy_decode(model: nn.Module, ids: torch.Tensor, max_new_tokens: int):
     """Greedy continuation of ``ids`` [1, n] with a KV cache, one step at a time: yields
     (token id, seconds) — the first step is the prompt (prefill), each later one a single token."""
+    # transformers renamed the cache argument (past_key_values → cache) within version 5
+    key = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
     past, step_ids = None, ids
     for _ in range(max_new_tokens):
         t0 = time.perf_counter()
-        out = model(input_ids=step_ids, past_key_values=past, use_cache=True)
+        out = model(input_ids=step_ids, use_cache=True, **{key: past})
         token = int(out.logits[0, -1].argmax())
         seconds = time.perf_counter() - t0
-        past, step_ids = out.past_key_values, torch.tensor([[token]])
+        past = out.get("cache", None) if key == "cache" else out.past_key_values
+        step_ids = torch.tensor([[token]])
         yield token, seconds
 
 
