@@ -178,3 +178,22 @@ def test_result_json_round_trips(tiny_model_dir, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["density"] == 0.5 and saved["calib"] is None and saved["eval"] is None
     assert saved["density_achieved"] == pytest.approx(result["density_achieved"])
+
+
+def test_notebook1_runs_offline_on_the_fallback_text_and_says_so_first(tiny_model_dir, tmp_path, monkeypatch,
+                                                                        capsys):
+    """What ``make demo`` does on a fresh machine with no data folder: the stdlib text stands in,
+    the first output line says so, and the rows record the text used."""
+    from sparsegpt_utils.notebook import run_sparsity_list
+
+    monkeypatch.setenv("SPARSEGPT_DATA_DIR", "")  # set but empty: no data folder; the hub is offline
+    runs = experiments_from_parameters({
+        "model_name": str(tiny_model_dir), "DENSITIES": "[0.4]", "calibration_size": 2, "token_length": 32,
+        "CALIB_SOURCE": "wikitext2-valid", "EVAL_SOURCE": "wikitext2", "EVAL_WINDOWS": 1,
+        "FALLBACK_TEXT": True, "DEVICE": "cpu", "SHOW_PROGRESS": False})
+    table, reports = run_sparsity_list(runs, pruned_dir=tmp_path / "pruned", results_csv=tmp_path / "r.csv")
+    first = capsys.readouterr().out.splitlines()[0]
+    assert first.startswith("note: ") and "stdlib" in first
+    assert list(table["calib"]) == ["stdlib"] and list(table["eval_requested"]) == ["wikitext2"]
+    assert list(table["density"]) == [0.4] and len(reports) == 1
+    assert table["ppl_dense"].notna().all() and (tmp_path / "pruned").is_dir()
