@@ -304,9 +304,9 @@ def _flush_cache(buffer: torch.Tensor) -> None:
 @torch.no_grad()
 def decode_seconds(layers: Sequence[nn.Module], in_features: int, repeats: int = 9,
                    flush: torch.Tensor | None = None) -> list[float]:
-    """Median seconds of a one-token product with each of ``layers``, the layers taking turns
-    (so that all see the same machine), each call from a cold cache (as in decoding, where every
-    layer's weights come from memory once per token)."""
+    """Seconds of a one-token product with each of ``layers`` — the fastest of ``repeats`` calls,
+    which other work on the machine can only slow down —, the layers taking turns, each call from
+    a cold cache (as in decoding, where every layer's weights come from memory once per token)."""
     x = torch.randn(1, in_features)
     times = [[] for _ in layers]
     for _ in range(repeats):
@@ -316,7 +316,7 @@ def decode_seconds(layers: Sequence[nn.Module], in_features: int, repeats: int =
             t0 = time.perf_counter()
             layer(x)
             times[k].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+    return [min(t) for t in times]
 
 
 def _make_sparse(layer: nn.Linear, kernel: str) -> nn.Module:
