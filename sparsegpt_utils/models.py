@@ -111,6 +111,13 @@ class MatrixView:
     def register_forward_hook(self, hook: Callable):
         return self.module.register_forward_hook(lambda _m, inputs, output: hook(self, inputs, output))
 
+    def __getattr__(self, name: str):
+        # only reached for what a view lacks: say what it is instead of a bare AttributeError
+        raise AttributeError(
+            f"MatrixView has no {name!r}: it is a matrix inside the weight of a "
+            f"{type(self.__dict__.get('module')).__name__} (a Conv1D's transpose or part of a fused "
+            f"matrix), not a module; work on its .module (models.parameter_masks maps masks onto it)")
+
     def __repr__(self) -> str:
         return (f"MatrixView({type(self.module).__name__}, part={self.part!r}, rows={self.rows}, "
                 f"transposed={self.transposed}, out_features={self.out_features}, "

@@ -211,3 +211,30 @@ def test_parameter_masks_are_in_each_modules_own_layout():
     assert torch.equal(attn_mask[:, 64:128], masks[names[0]].t())  # Conv1D weight is [in, out]
     assert attn_mask[:, :64].all() and attn_mask[:, 128:].all()
     assert torch.equal(fc_mask, masks[names[1]].t())
+
+
+@pytest.mark.parametrize("family", ["phi3", "gpt_neox"])
+def test_sparse_inference_converts_fused_layers(family):
+    """A fused matrix becomes one sparse layer holding all its parts: the same logits."""
+    from sparsegpt_utils.sparse_inference import inference_formats, sparsify_for_inference
+
+    model = tiny(family)
+    prune_model(model, token_ids(4, seed=1), PruneConfig(density=0.3, blocksize=16, mask_blocksize=16),
+                progress=False)
+    ids = token_ids(2, seed=5)
+    with torch.no_grad():
+        dense = model(input_ids=ids).logits
+    sparsify_for_inference(model, kernel="csr", measure=False)
+    assert (inference_formats(model)["format"] == "csr").all()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, dense, rtol=1e-5, atol=1e-5)
+
+
+def test_sparse_inference_refuses_conv1d_up_front():
+    from sparsegpt_utils.sparse_inference import sparsify_for_inference
+
+    model = tiny("gpt2")
+    with pytest.raises(ValueError, match="Conv1D"):
+        sparsify_for_inference(model, kernel="csr", measure=False)
+    assert all(type(m).__name__ == "Conv1D" for m in model.transformer.h[0].mlp.children()
+               if hasattr(m, "weight"))
