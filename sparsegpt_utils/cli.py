@@ -146,6 +146,8 @@ def _prune_parser(p: argparse.ArgumentParser) -> None:
     _add_eval_arguments(g, None, "evaluation text (wikitext2, ptb, c4 or a file path; default: none)")
     _add(g, "--eval-seqlen", "eval.seqlen", "tokens per evaluation window (default: --seqlen)", type=int)
     _add(g, "--eval-dense", "eval.dense", "also evaluate the dense model", action="store_true")
+    _add(p, "--fallback-text", "fallback_text", "where a named calibration or evaluation text is found "
+         "nowhere (data folder, hub), use the stdlib text instead and record it", action="store_true")
     g = p.add_argument_group("output")
     _add(g, "--save", "output.save", "write the compact checkpoint to this folder (default: not saved)")
     _add(g, "--json", "output.json", "write the result object to this file (default: not written)")
@@ -163,7 +165,8 @@ SUMMARY_KEYS = ("model", "method", "density", "sparsity", "nm", "density_achieve
 def _prune(args) -> int:
     from .experiment import Experiment, run_experiment
 
-    settings = {k: v for k, v in vars(args).items() if k != "handler" and k != "command"}
+    settings = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "fallback_text")}
+    settings["calib.fallback"] = settings["eval.fallback"] = args.fallback_text
     exp = Experiment.from_settings(settings)  # every setting is checked here, before loading
     result, _, _ = run_experiment(exp)
     print(json.dumps({k: result.get(k) for k in SUMMARY_KEYS if k in result}, indent=2))
@@ -274,6 +277,8 @@ def _iterative_parser(p: argparse.ArgumentParser) -> None:
     g.add_argument("--results", default=None, help="CSV copy of the history (default: "
                    "results/iterative_<model>.csv)")
     g.add_argument("--plot", default=None, help="plot path without suffix (default: beside --results)")
+    g.add_argument("--fallback-text", action="store_true", help="where a named text is found nowhere "
+                   "(data folder, hub), use the stdlib text instead and record it")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: the accelerator's)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     p.set_defaults(handler=_iterative)
@@ -301,7 +306,8 @@ def _iterative_config(args):
         calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
         train_source=args.train_source, val_tokens=args.val_tokens, train_steps=args.train_steps,
         num_epochs=args.num_epochs, finetune=finetune, eval_source=args.eval_source,
-        eval_windows=args.eval_windows or None, eval_seqlen=args.eval_seqlen, device=args.device)
+        eval_windows=args.eval_windows or None, eval_seqlen=args.eval_seqlen, device=args.device,
+        fallback=args.fallback_text)
 
 
 def _iterative(args) -> int:

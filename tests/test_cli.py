@@ -134,9 +134,15 @@ def test_round_trip_prune_eval_with_sparsity(tiny_model_dir, tmp_path, capsys):
     assert reloaded["ppl"] == pytest.approx(result["ppl"], rel=1e-4)
     assert reloaded["density_achieved"] == pytest.approx(result["density_achieved"], abs=1e-6)
 
-    if "export" in _subcommands():
+    subcommands = _subcommands()
+    if "export" in subcommands:
         code, _, err = run(["export", str(ckpt), str(tmp_path / "dense"), "--format", "dense"], capsys)
         assert code == 0, err
+    if "generate" in subcommands:
+        code, _, err = run(["generate", "--checkpoint", str(ckpt), "--prompt", "Return the",
+                            "--max-new-tokens", "2", "--json", str(tmp_path / "g.json")], capsys)
+        assert code == 0, err
+        assert json.loads((tmp_path / "g.json").read_text())["new_tokens"] == 2
 
 
 def test_eval_of_a_model_folder(tiny_model_dir, capsys):
@@ -281,6 +287,42 @@ def test_iterative_runs_and_exits_zero(tiny_model_dir, tmp_path, stdlib_text_cac
                           "--plot", str(tmp_path / "plot"), "--device", "cpu"], capsys)
     assert code == 0, err
     assert (tmp_path / "h.csv").is_file() and (tmp_path / "run" / "step_01").is_dir()
+
+
+def test_iterative_carries_every_pruning_option(monkeypatch):
+    from sparsegpt_utils import iterative
+
+    class Stop(Exception):
+        pass
+
+    def capture(config, *args, **kwargs):
+        raise Stop(config)
+
+    monkeypatch.setattr(iterative, "run_iterative", capture)
+    with pytest.raises(Stop) as stop:
+        main(["iterative", "--model", "org/name", "--densities", "0.5,0.25", "--method", "wanda",
+              "--wbits", "4", "--groupsize", "32", "--percdamp", "0.05", "--blocksize", "64",
+              "--mask-blocksize", "64", "--owl", "--owl-m", "6", "--exact-update", "--fallback-text",
+              "--device", "cpu"])
+    config = stop.value.args[0]
+    p = config.prune
+    assert config.densities == [0.5, 0.25] and config.fallback and config.device == "cpu"
+    assert (p.method, p.quant.bits, p.quant.groupsize, p.percdamp, p.blocksize) == ("wanda", 4, 32, 0.05, 64)
+    assert (p.owl, p.owl_m, p.exact_update) == (True, 6.0, True)
+
+
+def test_prune_fallback_text_records_the_text_used(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("SPARSEGPT_DATA_DIR", "")  # no data folder; the hub is offline
+    argv = ["prune", "--model", str(tiny_model_dir), "--method", "magnitude", "--density", "0.5", "--eval",
+            "wikitext2", "--eval-windows", "1", "--seqlen", "32", "--no-progress"]
+    code, _, err = run(argv, capsys)
+    assert code == 2 and error_line(err).startswith("error: --eval wikitext2: ")
+    out = tmp_path / "r.json"
+    with pytest.warns(UserWarning, match="stdlib"):
+        code, _, err = run([*argv, "--fallback-text", "--json", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert (result["eval"], result["eval_requested"]) == ("stdlib", "wikitext2")
 
 
 def test_sweep_dry_run_exits_zero(tmp_path, capsys):
