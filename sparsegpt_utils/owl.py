@@ -14,9 +14,9 @@ from collections.abc import Sequence
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
-from .models import capture_block_inputs, get_adapter, run_block
+from .models import get_adapter
+from .replay import replay_blocks, run_inputs
 from .solver import check_density
 
 __all__ = ["outlier_ratios", "owl_densities", "block_params"]
@@ -31,34 +31,31 @@ def block_params(model: nn.Module) -> list[int]:
 
 @torch.no_grad()
 def outlier_ratios(model: nn.Module, calibration: torch.Tensor, threshold: float = 5.0,
-                   device: str | torch.device | None = None, progress: bool = True) -> list[float]:
+                   device: str | torch.device | None = None, progress: bool = True,
+                   batch_size: int = 1, offload_activations: bool = False) -> list[float]:
     """Per block, the fraction (0..1) of weights whose score ``|W_ij|·‖x_j‖₂`` is above
-    ``threshold`` × the block's mean score; ``calibration`` is token ids [samples, seqlen]."""
+    ``threshold`` × the block's mean score; ``calibration`` is token ids [samples, seqlen].
+    The model is left unchanged (one forward pass of the calibration through the blocks)."""
     if threshold <= 0:
         raise ValueError(f"threshold (OWL M) must be > 0, got {threshold}")
     adapter = get_adapter(model)
-    blocks = adapter.blocks(model)
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    inputs, kwargs = capture_block_inputs(model, list(calibration.split(1)), device)
+    storage = torch.device("cpu") if offload_activations else device
     ratios = []
-    for block in tqdm(blocks, desc="OWL outliers", disable=not progress):
-        home = next(block.parameters()).device
-        block.to(device)
-        layers = [m for g in adapter.linear_groups(block) for _, m in g]
+    for step in replay_blocks(model, calibration, device, storage, batch_size, progress, "OWL outliers"):
+        layers = [m for g in adapter.linear_groups(step.block) for _, m in g]
         sq = {id(m): torch.zeros(m.in_features, device=device) for m in layers}
 
         def collect(mod, inp, _out):  # returns None: the layer's output is left alone
             sq[id(mod)].add_(inp[0].detach().float().pow(2).reshape(-1, mod.in_features).sum(0))
 
         hooks = [m.register_forward_hook(collect) for m in layers]
-        outputs = [run_block(block, x, kwargs[x.shape[0]]) for x in inputs]
+        step.outputs = run_inputs(step)
         for h in hooks:
             h.remove()
         scores = torch.cat([(m.weight.detach().float().abs() * sq[id(m)].sqrt()[None]).flatten()
                             for m in layers])
         ratios.append(float((scores > threshold * scores.mean()).float().mean()))
-        inputs = outputs
-        block.to(home)
     return ratios
 
 

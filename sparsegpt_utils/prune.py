@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 
 import pandas as pd
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
+from .admm import admm_prune, exact_update
 from .mixed_precision import BitAllocator, MixedPrecisionConfig, QuantizationStats, build_allocator
-from .models import capture_block_inputs, get_adapter, run_block
+from .models import get_adapter
+from .owl import block_params, outlier_ratios, owl_densities
 from .quant import QuantGrid, QuantSpec, rtn_quantize
+from .reconstruct import reconstruct_block, residual_writers
+from .replay import replay_blocks, run_inputs
 from .solver import (
     HessianAccumulator,
     check_density,
@@ -32,6 +36,8 @@ from .solver import (
 __all__ = ["METHODS", "PruneConfig", "PruneResult", "prune_model"]
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "admm")
+RECONSTRUCT_TARGETS = ("dense-inputs", "pruned-inputs")
+RECONSTRUCT_PARTS = ("block", "sublayers")
 
 @dataclass
 class PruneConfig:
@@ -47,7 +53,10 @@ class PruneConfig:
     spread, owl_m the outlier threshold (× the mean Wanda score).
     exact_update: after the mask is chosen, the exact (ADMM) weight update for that mask.
     reconstruct: after a block's layers are pruned, ``reconstruct_steps`` optimizer steps
-    (learning rate ``reconstruct_lr``) fit the pruned block to the dense block's outputs, masks kept.
+    (learning rate ``reconstruct_lr``) fit the pruned block to the dense block's outputs, masks kept;
+    ``reconstruct_targets``: the dense block's outputs on the dense model's own inputs
+    ("dense-inputs") or on the pruned model's inputs ("pruned-inputs"); ``reconstruct_parts``:
+    fit the block's output ("block") or its attention and MLP outputs each ("sublayers").
     mixed: mixed-precision quantization under a bit budget (needs ``quant``: its groupsize and
     symmetry; the widths come from the budget).
     act_order: SparseGPT/GPTQ sweep the columns in decreasing ``diag H``, grouped grids fixed
@@ -73,6 +82,8 @@ class PruneConfig:
     reconstruct: bool = False
     reconstruct_steps: int = 20
     reconstruct_lr: float = 1e-4
+    reconstruct_targets: str = "dense-inputs"
+    reconstruct_parts: str = "block"
     mixed: MixedPrecisionConfig | None = None
     act_order: bool = False
 
@@ -97,6 +108,12 @@ class PruneConfig:
         if self.reconstruct and (self.reconstruct_steps < 1 or not self.reconstruct_lr > 0):
             raise ValueError(f"reconstruct_steps must be >= 1 and reconstruct_lr > 0, "
                              f"got {self.reconstruct_steps}, {self.reconstruct_lr}")
+        if self.reconstruct_targets not in RECONSTRUCT_TARGETS:
+            raise ValueError(f"reconstruct_targets must be one of {RECONSTRUCT_TARGETS}, "
+                             f"got {self.reconstruct_targets!r}")
+        if self.reconstruct_parts not in RECONSTRUCT_PARTS:
+            raise ValueError(f"reconstruct_parts must be one of {RECONSTRUCT_PARTS}, "
+                             f"got {self.reconstruct_parts!r}")
         if (self.mixed is not None or self.bit_allocator is not None) and self.quant is None:
             raise ValueError("mixed precision (mixed / bit_allocator) needs quant (the grid: groupsize, sym)")
         if self.mixed is not None and self.bit_allocator is not None:
@@ -121,6 +138,19 @@ class PruneResult:
     solver_seconds: float = 0.0  # factorizations + sweeps (Hessians accumulate during the forwards)
     peak_gpu_mb: float | None = None  # peak CUDA memory allocated while pruning, MiB
     quant_stats: QuantizationStats | None = field(default=None, repr=False)  # mixed precision: widths, bits
+    # one row per block: block, params, density_target (and reconstruct_error_before/_after,
+    # Σ‖block(x) − y‖² / Σ‖y‖² on the calibration, with reconstruct)
+    blocks: pd.DataFrame | None = None
+    block_densities: list[float] | None = None  # per-block densities used (OWL or given)
+    owl: bool = False
+    exact_update: bool = False
+    reconstruct: bool = False
+
+    def row(self) -> dict:
+        """The result-row keys this run adds (DESIGN §4): owl, block_densities, exact_update,
+        reconstruct."""
+        return {"owl": self.owl, "block_densities": self.block_densities,
+                "exact_update": self.exact_update, "reconstruct": self.reconstruct}
 
 
 def _device_of(module: nn.Module) -> torch.device:
@@ -145,6 +175,12 @@ def prune_model(
     set larger than the GPU prune on it. Activations keep the model's dtype (a float16 /
     bfloat16 model runs its blocks in half precision); Hessians are always accumulated and
     solved in float32.
+
+    ``config.owl``: the per-block densities come from the outlier ratios of the *dense* model
+    (one forward pass of the calibration through the blocks before pruning, as OWL defines
+    them), with parameter-weighted mean exactly ``config.density``. ``config.reconstruct``:
+    after its layers are solved, each block is fitted to the dense block's outputs
+    (:mod:`reconstruct`), and the next block's inputs come from the fitted block.
     """
     start = time.perf_counter()
     adapter = get_adapter(model)
@@ -156,39 +192,43 @@ def prune_model(
     if config.block_densities is not None and len(config.block_densities) != len(blocks):
         raise ValueError(
             f"block_densities has {len(config.block_densities)} entries for {len(blocks)} blocks")
-    unbuilt = [name for name, on in (("method admm", config.method == "admm"), ("owl", config.owl),
-                                     ("exact_update", config.exact_update),
-                                     ("reconstruct", config.reconstruct))
-               if on]
-    if unbuilt:
-        raise NotImplementedError(f"not available yet: {', '.join(unbuilt)}")
+    if config.owl and config.block_densities is not None:
+        raise ValueError("give owl (densities from outlier ratios) or block_densities, not both")
     if config.mixed is not None:  # one allocator per run: it keeps the widths and their stats
         config = replace(config, mixed=None, bit_allocator=build_allocator(
             config.mixed, config.quant, config.density, config.nm, config.percdamp, config.mask_blocksize))
-    needs_data = config.method != "magnitude"
-    # Wanda needs only ‖x_j‖ (diag H) — unless mixed precision wants full Hessians
-    wanda_only = config.method == "wanda" and config.bit_allocator is None
+    needs_data = (config.method != "magnitude" or config.owl or config.exact_update
+                  or config.reconstruct)
+    # Wanda needs only ‖x_j‖ (diag H) — unless mixed precision or the exact update want full Hessians
+    wanda_only = config.method == "wanda" and config.bit_allocator is None and not config.exact_update
     if needs_data and (calibration is None or calibration.ndim != 2):
-        raise ValueError("calibration must be token ids [samples, seqlen] for sparsegpt and wanda")
+        raise ValueError("calibration must be token ids [samples, seqlen] for every method but plain "
+                         "magnitude (and for owl, exact_update, reconstruct)")
 
-    inputs, kwargs = [], {}
-    if needs_data:
-        batches = list(calibration.split(config.calibration_batch_size))
-        inputs, kwargs = capture_block_inputs(model, batches, device, storage=storage)
+    if config.owl:
+        ratios = outlier_ratios(model, calibration, config.owl_m, device, progress,
+                                config.calibration_batch_size, offload_activations)
+        params = block_params(model)
+        densities = owl_densities(ratios, config.density, config.owl_lambda, params)
+        achieved = sum(d * n for d, n in zip(densities, params)) / sum(params)
+        assert abs(achieved - config.density) < 1e-6, (achieved, config.density)
+        config = replace(config, block_densities=densities)
 
-    rows, masks, grids = [], {}, {}
+    rows, block_rows, masks, grids = [], [], {}, {}
     solver_seconds = 0.0
-    bar = tqdm(enumerate(blocks), total=len(blocks), desc=f"{config.method} blocks",
-               disable=not progress)
-    for index, block in bar:
-        home = _device_of(block)
-        block.to(device)
+    dense_inputs = None  # the dense model's own block inputs (reconstruction targets from them)
+    steps = replay_blocks(model, calibration if needs_data else None, device, storage,
+                          config.calibration_batch_size, progress, f"{config.method} blocks")
+    for step in steps:
+        index, block, inputs, kwargs = step.index, step.block, step.inputs, step.kwargs
         groups = adapter.linear_groups(block)
+        parts = residual_writers(groups) if config.reconstruct_parts == "sublayers" else []
         if not config.shared_hessians:  # the reference behaviour: one Hessian per layer
             groups = [[layer] for group in groups for layer in group]
         density = config.density_of_block(index)
 
         accumulators: dict[int, HessianAccumulator] = {}
+        targets = part_targets = None
         if needs_data:
             handles = []
             for g, group in enumerate(groups):
@@ -198,10 +238,20 @@ def prune_model(
                     name=f"{adapter.blocks_path}.{index}.{group[0][0]}")
                 handles.append(layer.register_forward_hook(
                     lambda _m, inp, _out, acc=accumulators[g]: acc.add(inp[0])))
-            for x in inputs:  # pass 1: Hessians
-                run_block(block, x.to(device), kwargs[x.shape[0]])
+            from_pruned = config.reconstruct and config.reconstruct_targets == "pruned-inputs"
+            with _capture(parts if from_pruned else [], storage) as captured:  # pass 1: Hessians
+                outs = run_inputs(step)
+            if from_pruned:
+                targets, part_targets = outs, captured
+            del outs
             for h in handles:
                 h.remove()
+            if config.reconstruct and config.reconstruct_targets == "dense-inputs":
+                if dense_inputs is None:
+                    dense_inputs = list(inputs)
+                with _capture(parts, storage) as captured:  # the dense block on the dense model's inputs
+                    dense_inputs = run_inputs(step, dense_inputs)
+                targets, part_targets = dense_inputs, captured
 
         t0 = time.perf_counter()
         for g, group in enumerate(groups):
@@ -222,21 +272,58 @@ def prune_model(
                     "loss": loss, "seconds": secs,
                 })
         solver_seconds += time.perf_counter() - t0
-
-        if index + 1 < len(blocks):
-            for j, x in enumerate(inputs):  # pass 2: the next block's inputs, replacing these
-                inputs[j] = run_block(block, x.to(device), kwargs[x.shape[0]]).to(storage)
-        block.to(home)
         del accumulators
 
+        layers = [m for group in groups for _, m in group]
+        block_row = {"block": index, "params": sum(m.weight.numel() for m in layers),
+                     "density_target": density if config.nm is None else config.nm[0] / config.nm[1]}
+        if config.reconstruct:
+            by_name = dict(zip([f"{adapter.blocks_path}.{index}.{n}" for g in groups for n, _ in g], layers))
+            rec = reconstruct_block(
+                block, inputs, targets, kwargs,
+                {by_name[n].weight: masks[n] for n in by_name},
+                config.reconstruct_steps, config.reconstruct_lr, device, parts or None, part_targets,
+                frozen={m.weight for m in layers} if config.quant is not None else None)
+            step.outputs = [o.to(step.storage) for o in rec.outputs]
+            block_row.update(reconstruct_error_before=rec.error_before,
+                             reconstruct_error_after=rec.error_after)
+            del targets, part_targets, rec
+        block_rows.append(block_row)
+
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
+    used = None if config.block_densities is None else [float(d) for d in config.block_densities]
     return PruneResult(pd.DataFrame(rows), masks, grids, time.perf_counter() - start, solver_seconds,
-                       peak, getattr(config.bit_allocator, "stats", None))
+                       peak, getattr(config.bit_allocator, "stats", None), blocks=pd.DataFrame(block_rows),
+                       block_densities=used,
+                       owl=config.owl, exact_update=config.exact_update, reconstruct=config.reconstruct)
+
+
+@contextmanager
+def _capture(modules: list[nn.Module], storage: torch.device):
+    """Collect, per forward of the block, the outputs of ``modules`` (one list per call of the
+    first module): ``captured[i][p]`` is module p's output in the i-th block run."""
+    captured: list[list[torch.Tensor]] = []
+
+    def hook(index):
+        def record(_m, _inp, out):
+            if index == 0:
+                captured.append([])
+            captured[-1].append(out.detach().to(storage))
+        return record
+
+    handles = [m.register_forward_hook(hook(p)) for p, m in enumerate(modules)]
+    try:
+        yield captured
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _solve_group(config, names, layers, hessian, density, accumulator):
     """Solve the layers of one input group; writes the weights and returns, per layer,
     (mask, grid, loss, seconds)."""
+    if config.method == "admm" or config.exact_update:
+        return _solve_exact(config, names, layers, hessian, density, accumulator)
     prior = config.prior_masks or {}
     out = []
     if config.method == "sparsegpt" and config.shared_hessians and len(layers) > 1:
@@ -284,6 +371,59 @@ def _solve_group(config, names, layers, hessian, density, accumulator):
                 _measure_bits(config, [name], [layer], mask)
         layer.weight.copy_(new)
         out.append((mask, grid, loss, time.perf_counter() - t0))
+    return out
+
+
+def _solve_exact(config, names, layers, hessian, density, accumulator):
+    """``admm``, or any method's mask followed by the exact update, on the stacked weights of
+    one input group (rows are independent: stacking changes nothing but the speed). With
+    ``quant`` the kept weights are then quantized by the GPTQ sweep on the fixed mask.
+    Writes the weights; returns per layer (mask, grid, loss, seconds), loss being the group's
+    ``½ Σ (ŵ − w)ᵀ(H + λI)(ŵ − w)`` (plus the sweep's own loss when quantized) split evenly."""
+    t0 = time.perf_counter()
+    prior = config.prior_masks or {}
+    weight = torch.cat([layer.weight for layer in layers]).float()
+    prior_mask = None
+    if any(n in prior for n in names):
+        prior_mask = torch.cat([
+            prior.get(n, torch.ones_like(layer.weight, dtype=torch.bool)).to(weight.device)
+            for n, layer in zip(names, layers)])
+    segments = [layer.out_features for layer in layers]
+    start = None
+    if config.method == "admm":
+        mask = admm_prune(weight, hessian, density, config.nm, segments, prior_mask, config.percdamp).mask
+    elif config.method == "sparsegpt":
+        res = sparsegpt_solve(weight, hessian, density, config.nm, None, config.blocksize,
+                              config.mask_blocksize, config.percdamp, segments=segments,
+                              prior_mask=prior_mask, name="+".join(names), act_order=config.act_order)
+        mask, start = res.mask, res.weight
+    else:  # each layer's own mask (magnitude compares within a matrix)
+        chunks = prior_mask.split(segments) if prior_mask is not None else [None] * len(layers)
+        mask = torch.cat([
+            wanda_mask(layer.weight, accumulator.column_norms(), density, config.nm, p, name=n)
+            if config.method == "wanda" else magnitude_mask(layer.weight, density, config.nm, p, name=n)
+            for n, layer, p in zip(names, layers, chunks)])
+    mask = mask & (torch.diagonal(hessian) != 0)[None, :].to(mask.device)  # dead inputs are zeroed
+    new = exact_update(weight, hessian, mask, config.percdamp, start=start)
+    delta = new - weight
+    damped = hessian + config.percdamp * torch.diagonal(hessian).mean() * torch.eye(
+        hessian.shape[0], device=hessian.device)
+    loss = float(((delta @ damped) * delta).sum() / 2)
+    grid = None
+    if config.quant is not None:  # the GPTQ sweep with the mask fixed (density 1 of the allowed)
+        res = _sparsegpt(replace(config, nm=None), names, layers, new, hessian, 1.0, mask)
+        new, grid, loss = res.weight, res.grid, loss + res.loss
+    secs = (time.perf_counter() - t0) / len(layers)
+    out, begin = [], 0
+    for layer in layers:
+        stop = begin + layer.out_features
+        layer.weight.copy_(new[begin:stop])
+        part = None
+        if grid is not None:
+            part = QuantGrid(grid.scale[begin:stop], grid.zero[begin:stop], grid.bits[begin:stop],
+                             grid.groupsize)
+        out.append((mask[begin:stop], part, loss / len(layers), secs))
+        begin = stop
     return out
 
 
