@@ -18,7 +18,8 @@ from tqdm.auto import tqdm
 from .models import model_seqlen, pruned_linears
 
 __all__ = ["PerplexityResult", "perplexity", "density_report", "overall_density", "find_checkpoints",
-           "hub_reachable", "available_sources", "load_checkpoint", "evaluate_checkpoints"]
+           "hub_reachable", "available_sources", "load_checkpoint", "evaluate_checkpoints",
+           "SAVED_SETTING_KEYS", "saved_settings", "evaluate_as_saved"]
 
 
 @dataclass
@@ -222,3 +223,84 @@ def evaluate_checkpoints(
         del net
     layers = pd.concat(layer_frames, ignore_index=True) if layer_frames else pd.DataFrame()
     return pd.DataFrame(rows), layers, notes
+
+
+# ---------------------------------------------------------------- checkpoints evaluated as saved
+
+SAVED_SETTING_KEYS = ("calib", "calib_samples", "seqlen", "seed", "eval", "eval_windows", "eval_seqlen")
+
+
+def saved_settings(path: str | Path) -> dict:
+    """The calibration and evaluation a saved checkpoint's own run recorded in its manifest:
+    those of :data:`SAVED_SETTING_KEYS` it holds (``seqlen`` is the calibration window,
+    ``eval_seqlen`` the evaluation window, in tokens); ``{}`` for a plain transformers folder."""
+    path = Path(path)
+    if not (path / "manifest.json").is_file():
+        return {}
+    from .checkpoint import read_manifest
+
+    meta = read_manifest(path, verify=False).get("metadata") or {}
+    return {k: meta[k] for k in SAVED_SETTING_KEYS if meta.get(k) is not None}
+
+
+def evaluate_as_saved(
+    model: str, method: str, densities: Sequence[float], root: str | Path | None = None,
+    sources: Sequence[str] = ("wikitext2",), eval_windows: int | None = None,
+    seqlen: int | None = None, tolerance: float = 0.01, dense_fallback: bool = True,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame, list[str]]:
+    """:func:`evaluate_checkpoints`, each checkpoint measured as its own run measured it: on
+    the text, windows and tokens per window its manifest records (:func:`saved_settings`), so
+    the numbers are comparable with that run's; then on the other ``sources`` with the same
+    windows. ``eval_windows``/``seqlen`` count only where a checkpoint records none. The dense
+    model (density 1 with no folder) is measured once per distinct evaluation. Rows carry the
+    checkpoint's calibration (``calib``, ``calib_samples``, ``seqlen`` = calibration window,
+    ``seed``; empty for the dense model) and ``eval_seqlen``. Notes name folders relative to
+    ``root``."""
+    from .paths import pruned_dir
+    from .results import checkpoint_name
+
+    root = pruned_dir(root)
+    for d in densities:
+        if not 0 < d <= 1:
+            raise ValueError(f"densities (fraction kept) must be in (0, 1], got {d}")
+    paths = find_checkpoints(root, model, method, densities)
+    default = (sources[0] if sources else "wikitext2", eval_windows, seqlen)
+    groups: dict[tuple, list[float]] = {}
+    saved: dict[float, dict] = {}
+    notes = []
+    for density in densities:
+        path = paths[density]
+        if path is None:
+            if not (dense_fallback and density == 1):
+                notes.append(f"missing: no checkpoint {checkpoint_name(model, method, density)} "
+                              f"in {root.name}/")
+            continue
+        saved[density] = settings = saved_settings(path)
+        key = (settings.get("eval", default[0]), settings.get("eval_windows", default[1]),
+               settings.get("eval_seqlen", default[2]))
+        groups.setdefault(key, []).append(density)
+    dense = dense_fallback and any(d == 1 and paths[d] is None for d in densities)
+    if dense:
+        for members in groups.values():
+            members.append(1.0)
+        groups = groups or {default: [1.0]}
+    tables, layer_frames = [], []
+    for (source, windows, length), members in groups.items():
+        table, layers, group_notes = evaluate_checkpoints(
+            model, method, members, root=root, sources=list(dict.fromkeys([source, *sources])),
+            eval_windows=windows, seqlen=length, tolerance=tolerance, dense_fallback=dense_fallback,
+            progress=progress)
+        notes += [n for n in group_notes if n not in notes]
+        if layer_frames and dense and len(layers):  # the dense model's layers once
+            layers = layers[layers["target_density"] < 1]
+        tables.append(table)
+        layer_frames.append(layers)
+    table = pd.concat(tables, ignore_index=True) if tables else pd.DataFrame()
+    if len(table):
+        for key in ("calib", "calib_samples", "seqlen", "seed"):
+            table[key] = [saved.get(d, {}).get(key) if c != "(dense model)" else None
+                          for d, c in zip(table["density"], table["checkpoint"], strict=True)]
+    layers = pd.concat([f for f in layer_frames if len(f)], ignore_index=True) if any(
+        len(f) for f in layer_frames) else pd.DataFrame()
+    return table, layers, notes
