@@ -149,15 +149,19 @@ def test_sparsegpt_reaches_density_exactly(pruned):
 
 
 def test_checkpoint_round_trip_is_exact(pruned, tmp_path):
+    """save_pruned -> load_pruned, and transformers' from_pretrained, give the pruned model's
+    tensors exactly (fused and Conv1D parameters rebuilt from their matrices)."""
     from sparsegpt_utils.save_utils import load_pruned, save_pruned
 
     model, res = pruned
     save_pruned(model, tmp_path / "ckpt", masks=res.masks, dtype=torch.float32, progress=False)
     loaded, _ = load_pruned(tmp_path / "ckpt")
-    own, back = model.state_dict(), loaded.state_dict()
-    assert set(own) == set(back)
-    for key, t in own.items():
-        assert torch.equal(t, back[key]), key
+    via_transformers = tf.AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    own = model.state_dict()
+    for back in (loaded.state_dict(), via_transformers.state_dict()):
+        assert set(own) == set(back)
+        for key, t in own.items():
+            assert torch.equal(t, back[key]), key
 
 
 def test_fused_parts_share_one_hessian_and_keep_their_own_density():
