@@ -9,7 +9,9 @@ CSV are skipped, so an interrupted run resumes where it stopped.
     PYTHONPATH=. python bench/bench_quant.py --densities 1.0 0.5 --calib-samples 16 \
         --seqlen 512 --eval-windows 16 --out results/bench_quant.csv
 
-``--act-order`` sweeps the GPTQ / mixed runs in act-order (keys get an ``-ao`` suffix).
+``--act-order`` sweeps the GPTQ / mixed runs in act-order (keys get an ``-ao`` suffix);
+``--mixed-unit group`` gives mixed precision one width per grid (needs ``--groupsize``; keys of
+mixed runs get a ``-group`` suffix).
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ def storage_bits(model, masks, grids, groupsize):
         grid, mask = grids[name], masks.get(name)
         total += grid_storage_bits(grid, cols, None if mask is None or bool(mask.all()) else mask)
         params += rows * cols
-        width += float(grid.bits.double().sum()) * cols
+        width += float(torch.log2(grid.expand(cols)[2].double() + 1).sum())  # each weight's width
     return total / params, width / params
 
 
@@ -100,6 +102,8 @@ def main(argv=None):
     p.add_argument("--global", dest="with_global", action="store_true", help="add whole-model allocations")
     p.add_argument("--only", nargs="*", default=None, help="run only these configuration keys")
     p.add_argument("--act-order", action="store_true", help="GPTQ sweeps in act-order (keys end in -ao)")
+    p.add_argument("--mixed-unit", choices=("row", "group"), default="row",
+                   help="mixed precision: one width per row, or per grid (needs --groupsize)")
     p.add_argument("--out", default="results/bench_quant.csv")
     p.add_argument("--table", action="store_true", help="print the CSV as a Markdown table and stop")
     args = p.parse_args(argv)
@@ -115,6 +119,8 @@ def main(argv=None):
     calib = calibration_windows(tok, args.calib, args.calib_samples, args.seqlen, seed=0)
     ids = eval_tokens(tok, args.eval)
     G = args.groupsize
+    if args.mixed_unit == "group" and G is None:
+        p.error("--mixed-unit group needs --groupsize (input columns per width)")
     print(f"{args.model}: calibration {args.calib_samples} x {args.seqlen} tokens of {args.calib}; "
           f"eval {args.eval_windows} x {args.seqlen} tokens of {args.eval}; grid "
           f"{'per row' if G is None else f'g{G}'}")
@@ -125,6 +131,10 @@ def main(argv=None):
 
     for key, kind, d, x, method, imp in configs(args.densities, args.targets, args.methods,
                                                 args.importances, args.with_global):
+        if args.mixed_unit == "group" and kind in ("mixed", "global"):
+            if imp != "error":
+                continue  # per grid, only the error model is defined
+            key += "-group"
         if args.act_order and kind in ("gptq", "mixed", "global"):
             key += "-ao"
         if key in seen or (args.only and key not in args.only):
@@ -133,7 +143,8 @@ def main(argv=None):
         t0 = time.perf_counter()
         row = {"key": key, "kind": kind, "density": d, "groupsize": G or "row", "bits_asked": x,
                "method": method, "importance": imp,
-               "act_order": args.act_order and kind in ("gptq", "mixed", "global")}
+               "act_order": args.act_order and kind in ("gptq", "mixed", "global"),
+               "mixed_unit": args.mixed_unit if kind in ("mixed", "global") else None}
         if kind == "none" and d == 1:
             row.update(avg_bits=16.0, avg_width=16.0)
         elif kind == "none" or (kind == "rtn" and d < 1):
@@ -157,7 +168,8 @@ def main(argv=None):
             alloc = None
             if kind in ("mixed", "global"):
                 alloc = MixedPrecisionAllocator(x, method, importance=imp, groupsize=G, density=d,
-                                                scope="layer" if kind == "mixed" else "global")
+                                                scope="layer" if kind == "mixed" else "global",
+                                                unit=args.mixed_unit)
             if kind == "global":  # first pass: round-to-nearest, only to collect error curves
                 collect = FixedWidths(alloc.collect)
                 first = PruneConfig("wanda", 1.0, quant=QuantSpec(4, G), bit_allocator=collect)
