@@ -19,12 +19,17 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-__all__ = ["main", "build_parser", "add_prune_arguments", "SUBCOMMAND_MODULES"]
+__all__ = ["main", "build_parser", "add_prune_arguments", "experiment_from_args", "SUBCOMMAND_MODULES"]
 
 # subcommands offered by other modules of the package, each exposing
 # ``add_cli_arguments(parser)`` and ``cli_main(args) -> int``; a module not (yet) there is skipped
-SUBCOMMAND_MODULES = {"sweep": "sparsegpt_utils.sweep", "export": "sparsegpt_utils.checkpoint",
-                      "generate": "sparsegpt_utils.sparse_inference"}
+SUBCOMMAND_MODULES = {
+    "sweep": ("sparsegpt_utils.sweep", "run a notebook once per point of a parameter grid (resumable)"),
+    "export": ("sparsegpt_utils.checkpoint", "write a compact checkpoint as a dense or compressed-tensors "
+               "folder"),
+    "generate": ("sparsegpt_utils.sparse_inference", "greedy generation from a compact checkpoint with "
+                 "sparse CPU kernels"),
+}
 
 
 class _Formatter(argparse.RawDescriptionHelpFormatter):
@@ -162,13 +167,20 @@ SUMMARY_KEYS = ("model", "method", "density", "sparsity", "nm", "density_achieve
                 "wbits", "avg_bits", "ppl", "ppl_dense", "prune_seconds", "size_bytes")
 
 
-def _prune(args) -> int:
-    from .experiment import Experiment, run_experiment
+def experiment_from_args(args: argparse.Namespace):
+    """The :class:`~sparsegpt_utils.experiment.Experiment` of parsed ``prune`` arguments (their
+    destinations are the experiment's setting names); every setting is checked here."""
+    from .experiment import Experiment
 
     settings = {k: v for k, v in vars(args).items() if k not in ("handler", "command", "fallback_text")}
     settings["calib.fallback"] = settings["eval.fallback"] = args.fallback_text
-    exp = Experiment.from_settings(settings)  # every setting is checked here, before loading
-    result, _, _ = run_experiment(exp)
+    return Experiment.from_settings(settings)
+
+
+def _prune(args) -> int:
+    from .experiment import run_experiment
+
+    result, _, _ = run_experiment(experiment_from_args(args))  # checked before loading
     print(json.dumps({k: result.get(k) for k in SUMMARY_KEYS if k in result}, indent=2))
     return 0
 
@@ -311,9 +323,9 @@ def _iterative_config(args):
 
 
 def _iterative(args) -> int:
-    from . import iterative, plots
     from .iterative import run_iterative
     from .paths import pruned_dir, results_dir
+    from .plots import plot_history
     from .results import model_slug
 
     config = _iterative_config(args)  # every setting is checked here, before loading
@@ -324,19 +336,12 @@ def _iterative(args) -> int:
     from accelerate import PartialState
 
     if PartialState().is_main_process:
-        plot_history = getattr(plots, "plot_history", None) or iterative.plot_history
         plot_history(history, args.plot or results.with_suffix(""))
         import pandas as pd
 
         with pd.option_context("display.width", 160, "display.max_columns", 20):
             print(history.round(4).to_string(index=False))
     return 0
-
-
-def _iterative_takes_prune_config() -> bool:
-    from .iterative import IterativeConfig
-
-    return "prune" in {f.name for f in fields(IterativeConfig)}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -349,23 +354,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     _prune_parser(add("prune", "prune (and quantize) a model, evaluate, save"))
     _eval_parser(add("eval", "perplexity of a model or a saved checkpoint"))
-    modules = dict(SUBCOMMAND_MODULES)
-    if _iterative_takes_prune_config():
-        _iterative_parser(add("iterative", "iterative pruning: prune, fine-tune, prune further"))
-    else:
-        modules["iterative"] = "sparsegpt_utils.iterative"
-    for name, module_name in modules.items():
+    _iterative_parser(add("iterative", "iterative pruning: prune, fine-tune, prune further"))
+    for name, (module_name, text) in SUBCOMMAND_MODULES.items():
         if importlib.util.find_spec(module_name) is None:
             continue
         module = importlib.import_module(module_name)  # a broken module fails loudly here
         if hasattr(module, "add_cli_arguments") and hasattr(module, "cli_main"):
-            sp = add(name, (module.__doc__ or name).strip().splitlines()[0])
+            sp = add(name, text)
             module.add_cli_arguments(sp)
             _show_defaults(sp)
-            handler = module.cli_main
-            if name == "iterative":  # its own command line returns the history table
-                handler = lambda args, run=module.cli_main: (run(args), 0)[1]  # noqa: E731
-            sp.set_defaults(handler=handler)
+            sp.set_defaults(handler=module.cli_main)
     return parser
 
 

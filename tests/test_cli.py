@@ -253,20 +253,15 @@ def test_not_implemented_is_one_line_exit_2(tiny_model_dir, monkeypatch, capsys)
     assert code == 2 and "not available yet: reconstruct" in error_line(err)
 
 
-def test_every_pruning_option_reaches_the_prune_config(monkeypatch):
+def test_every_pruning_option_reaches_the_prune_config():
     """The CLI's pruning flags land in PruneConfig's fields (one mapping, no copies)."""
-    seen = {}
-    monkeypatch.setattr(cli, "_prune", lambda args: seen.setdefault("args", args) and 0)
-    from sparsegpt_utils.experiment import Experiment
-
-    main(["prune", "--model", "org/name", "--sparsity", "0.7", "--method", "wanda", "--wbits", "3",
-          "--groupsize", "64", "--percdamp", "0.05", "--blocksize", "64", "--mask-blocksize", "32",
-          "--calib-batch-size", "2", "--owl", "--owl-lambda", "0.1", "--owl-m", "7", "--exact-update",
-          "--reconstruct", "--reconstruct-steps", "3", "--reconstruct-lr", "0.01", "--calib", "stdlib",
-          "--device", "cpu"])
-    exp = Experiment.from_settings({k: v for k, v in vars(seen["args"]).items()
-                                    if k not in ("handler", "command")})
-    p = exp.prune
+    args = build_parser().parse_args([
+        "prune", "--model", "org/name", "--sparsity", "0.7", "--method", "wanda", "--wbits", "3",
+        "--groupsize", "64", "--percdamp", "0.05", "--blocksize", "64", "--mask-blocksize", "32",
+        "--calib-batch-size", "2", "--owl", "--owl-lambda", "0.1", "--owl-m", "7", "--exact-update",
+        "--reconstruct", "--reconstruct-steps", "3", "--reconstruct-lr", "0.01", "--calib", "stdlib",
+        "--device", "cpu"])
+    p = cli.experiment_from_args(args).prune
     assert (p.method, p.density, p.percdamp, p.blocksize, p.mask_blocksize) == ("wanda", 0.3, 0.05, 64, 32)
     assert (p.quant.bits, p.quant.groupsize, p.calibration_batch_size) == (3, 64, 2)
     assert (p.owl, p.owl_lambda, p.owl_m, p.exact_update) == (True, 0.1, 7.0, True)
