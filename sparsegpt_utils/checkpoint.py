@@ -356,8 +356,11 @@ def _validate(model, layers, masks, grids) -> dict[str, np.ndarray]:
             mask = (store_bits(w, torch.float32) << 1) != 0
         if grids and name in grids:
             g = grids[name]
-            if g.scale.shape[0] != w.shape[0] or g.bits.numel() != w.shape[0]:
-                raise ValueError(f"grids[{name!r}] has {g.scale.shape[0]} rows, weight has {w.shape[0]}")
+            fits = tuple(g.bits.shape) in ((w.shape[0],), tuple(g.scale.shape))
+            if g.scale.shape[0] != w.shape[0] or not fits:
+                raise ValueError(f"grids[{name!r}]: scale {list(g.scale.shape)} and bits "
+                                 f"{list(g.bits.shape)} do not fit a weight of {w.shape[0]} rows "
+                                 f"(bits: [rows] or one per grid)")
             if not 1 <= int(g.bits.min()) <= int(g.bits.max()) <= 16:
                 raise ValueError(f"grids[{name!r}]: bit widths must be in [1, 16]")
         out[name] = mask
@@ -591,6 +594,8 @@ def _check_shape(manifest: dict, where: str) -> None:
                 bad(f"layer {name!r}: wbits_range must be [lo, hi]")
             if not (gs is None or (_is_int(gs) and gs > 0)):
                 bad(f"layer {name!r}: groupsize must be a positive integer or null")
+            if info.get("width_unit", "row") not in ("row", "grid"):
+                bad(f"layer {name!r}: width_unit must be 'row' or 'grid'")
             if info.get("zero") not in ("midpoint", "packed", "float32"):
                 bad(f"layer {name!r}: unknown zero-point form {info.get('zero')!r}")
 

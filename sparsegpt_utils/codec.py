@@ -189,11 +189,13 @@ def rice_decode(unary: torch.Tensor, low: torch.Tensor, k: int, length: int, cou
 
 
 def choose_slots(mask: np.ndarray, value_bits: np.ndarray) -> dict:
-    """The cheapest slot code for bool ``mask`` [rows, cols]; ``value_bits`` [rows] is what one
-    stored value costs in each row (added slots store a value too). Returns the plan."""
+    """The cheapest slot code for bool ``mask`` [rows, cols]; ``value_bits`` [rows] (or
+    [rows, cols]) is what one stored value costs in each row (or at each position; added slots
+    store a value too). Returns the plan."""
     rows, cols = mask.shape
     kept = int(mask.sum())
-    kept_value_bits = int((mask.sum(1) * value_bits).sum())
+    per_value = value_bits if value_bits.ndim == 2 else value_bits[:, None]
+    kept_value_bits = int((mask * per_value).sum())
     plans = [{"mask": "bitmask", "bits": rows * cols + kept_value_bits, "slots": mask}]
     flat = mask.reshape(-1)
     gaps = np.diff(np.flatnonzero(flat), prepend=-1) - 1
@@ -208,7 +210,7 @@ def choose_slots(mask: np.ndarray, value_bits: np.ndarray) -> dict:
         if not 0 < n < m:
             continue
         slots = _nm_slots(mask, n, m)
-        extra = int(((slots & ~mask).sum(1) * value_bits).sum())
+        extra = int(((slots & ~mask) * per_value).sum())
         index_bits = nm_table(n, m)[2]
         plans.append({"mask": "nm", "nm": [n, m], "slots": slots,
                       "bits": rows * (cols // m) * index_bits + kept_value_bits + extra})
@@ -260,17 +262,31 @@ def decode_slots(info: dict, t: dict[str, torch.Tensor]) -> np.ndarray:
 # one layer: encode / decode
 # ---------------------------------------------------------------------------------------------
 
-def _row_groups(bits: np.ndarray) -> list[tuple[int, np.ndarray]]:
+def _width_groups(bits: np.ndarray) -> list[tuple[int, np.ndarray]]:
+    """(width, where) for each width in ``bits`` (any shape)."""
     return [(int(b), bits == b) for b in np.unique(bits)]
 
 
-def _grid_arrays(scale: np.ndarray, zero: np.ndarray, bits: np.ndarray, groupsize, cols: int):
-    """scale, zero float32 broadcastable to [rows, cols] (each column's grid), maxq [rows, 1]."""
-    maxq = (2.0 ** bits - 1).astype(np.float32)[:, None]
+def _grid_widths(bits: np.ndarray, groups: int) -> np.ndarray:
+    """The width of every grid, int64 [rows, groups], from [rows] or [rows, groups] widths."""
+    return bits if bits.ndim == 2 else np.repeat(bits[:, None], groups, axis=1)
+
+
+def _grid_arrays(scale: np.ndarray, zero: np.ndarray, grid_bits: np.ndarray, groupsize, cols: int):
+    """scale, zero, maxq float32 broadcastable to [rows, cols] (each column's grid), from the
+    [rows, groups] grids and their widths ``grid_bits``."""
+    maxq = (2.0 ** grid_bits - 1).astype(np.float32)
     if groupsize is None or scale.shape[1] == 1:
-        return scale[:, :1], zero[:, :1], maxq
+        return scale[:, :1], zero[:, :1], maxq[:, :1]
     idx = np.arange(cols) // groupsize
-    return scale[:, idx], zero[:, idx], maxq
+    return scale[:, idx], zero[:, idx], maxq[:, idx]
+
+
+def _column_widths(grid_bits: np.ndarray, groupsize, cols: int) -> np.ndarray:
+    """The width of every weight, int64 [rows, cols]."""
+    if groupsize is None or grid_bits.shape[1] == 1:
+        return np.repeat(grid_bits[:, :1], cols, axis=1)
+    return grid_bits[:, np.arange(cols) // groupsize]
 
 
 def _dequantize(codes: np.ndarray, slots: np.ndarray, s: np.ndarray, z: np.ndarray, dtype) -> np.ndarray:
@@ -290,17 +306,21 @@ def encode_layer(weight: torch.Tensor, mask: np.ndarray, grid: QuantGrid | None,
     kept = int(mask.sum())
     info: dict = {"shape": [rows, cols], "kept": kept, "density": kept / (rows * cols)}
     if grid is not None:
-        bits = grid.bits.cpu().numpy().astype(np.int64)
+        bits = grid.bits.cpu().numpy().astype(np.int64)  # [rows], or [rows, groups]: one per grid
         scale = grid.scale.detach().cpu().float().numpy()
         zero = grid.zero.detach().cpu().float().numpy()
-        s, z, maxq = _grid_arrays(scale, zero, bits, grid.groupsize, cols)
+        grid_bits = _grid_widths(bits, scale.shape[1])
+        s, z, maxq = _grid_arrays(scale, zero, grid_bits, grid.groupsize, cols)
         # quant.quantize_codes, in numpy
         codes = np.clip(np.round(weight.float().numpy() / s) + z, 0, maxq).astype(np.int64)
         if not np.array_equal(plus_zero(_dequantize(codes, mask, s, z, dtype)), plus_zero(target)):
             warnings.warn(f"layer {name}: weights do not lie on the grid given for them; storing "
                           f"them as {dtype_name(dtype)} values", RuntimeWarning, stacklevel=3)
             grid = None
-    value_bits = np.full(rows, torch.finfo(dtype).bits) if grid is None else bits
+    if grid is None:
+        value_bits = np.full(rows, torch.finfo(dtype).bits)
+    else:
+        value_bits = bits if bits.ndim == 1 else _column_widths(grid_bits, grid.groupsize, cols)
 
     plan = choose_slots(mask, value_bits)
     tensors, fields = encode_slots(plan)
@@ -315,31 +335,33 @@ def encode_layer(weight: torch.Tensor, mask: np.ndarray, grid: QuantGrid | None,
         lo, hi = int(bits.min()), int(bits.max())
         info["wbits"] = lo if lo == hi else "mixed"
         info["wbits_range"] = [lo, hi]
+        if bits.ndim == 2:
+            info["width_unit"] = "grid"  # the width map holds rows × groups entries
         map_bits = width_map_bits(torch.from_numpy(bits))
         if map_bits:
             tensors["row_bits"] = _pack(bits - lo, map_bits)
-        for b, rowsel in _row_groups(bits):
-            tensors[f"codes{b}"] = _pack(codes[slots & rowsel[:, None]], b)
+        widths = _column_widths(grid_bits, grid.groupsize, cols)
+        for b, where in _width_groups(widths):
+            tensors[f"codes{b}"] = _pack(codes[slots & where], b)
         # scales: fp16 only when it gives back the very same float32 numbers
         half = scale.astype(np.float16)
         exact = bool(np.isfinite(half).all()) and np.array_equal(half.astype(np.float32), scale)
         tensors["scale"] = torch.from_numpy(half if exact else np.ascontiguousarray(scale))
         # zero points: integers in [0, 2**b - 1]; implied when all are the symmetric midpoint
-        if np.array_equal(zero, np.broadcast_to(2.0 ** (bits - 1)[:, None], zero.shape)):
+        if np.array_equal(zero, 2.0 ** (grid_bits - 1)):
             info["zero"] = "midpoint"
-        elif np.array_equal(zero, np.round(zero)) and ((zero >= 0) & (zero <= maxq)).all():
+        elif np.array_equal(zero, np.round(zero)) and ((zero >= 0) & (zero <= 2.0 ** grid_bits - 1)).all():
             info["zero"] = "packed"
-            for b, rowsel in _row_groups(bits):
-                tensors[f"zero{b}"] = _pack(zero[rowsel].astype(np.int64), b)
+            for b, where in _width_groups(grid_bits):
+                tensors[f"zero{b}"] = _pack(zero[where].astype(np.int64), b)
         else:
             info["zero"] = "float32"
             tensors["zero"] = torch.from_numpy(np.ascontiguousarray(zero))
         info["scale_dtype"] = dtype_name(tensors["scale"].dtype)
         # the shared storage model (quant.quant_storage_bits) with the scale width used here
-        per_row = None if kept == rows * cols else torch.from_numpy(mask.sum(1))
         info["bits_model"] = quant_storage_bits(
             rows, cols, torch.from_numpy(bits), grid.groupsize, sym=info["zero"] == "midpoint",
-            kept=per_row, scale_bits=torch.finfo(tensors["scale"].dtype).bits) / (rows * cols)
+            kept=torch.from_numpy(mask), scale_bits=torch.finfo(tensors["scale"].dtype).bits) / (rows * cols)
     info["tensors"] = {k: tensor_info(v) for k, v in tensors.items()}
     info["bytes"] = sum(v["bytes"] for v in info["tensors"].values())
     info["bits_per_weight"] = 8 * info["bytes"] / (rows * cols)
@@ -356,34 +378,41 @@ def layer_grid(info: dict, t: dict[str, torch.Tensor]) -> tuple[QuantGrid, np.nd
     lo, hi = (int(x) for x in info["wbits_range"])
     if not 1 <= lo <= hi <= 16:
         raise CodecError(f"bit widths [{lo}, {hi}] outside [1, 16]")
-    map_bits = width_map_bits(torch.tensor([lo, hi]))
-    row_bits = _unpack(t["row_bits"], map_bits, rows) + lo if map_bits else np.full(rows, lo)
-    if row_bits.max() > hi:
-        raise CodecError(f"row bit width out of its range [{lo}, {hi}]")
+    unit = info.get("width_unit", "row")
+    if unit not in ("row", "grid"):
+        raise CodecError(f"unknown width unit {unit!r}")
     scale = t["scale"].float().numpy()
     if scale.ndim != 2 or scale.shape[0] != rows:
         raise CodecError(f"scale of shape {list(scale.shape)} for {rows} rows")
     groups = scale.shape[1]
-    codes = np.zeros((rows, cols), dtype=np.int64)
-    zero = np.zeros((rows, groups), dtype=np.float32)
-    for b, rowsel in _row_groups(row_bits):
-        sel = slots & rowsel[:, None]
-        codes[sel] = _unpack(t[f"codes{b}"], b, int(sel.sum()))
-        if info["zero"] == "midpoint":
-            zero[rowsel] = 2 ** (b - 1)
-        elif info["zero"] == "packed":
-            zero[rowsel] = _unpack(t[f"zero{b}"], b, int(rowsel.sum()) * groups).reshape(-1, groups)
-    if info["zero"] == "float32":
-        zero = t["zero"].float().numpy()
-    elif info["zero"] not in ("midpoint", "packed"):
-        raise CodecError(f"unknown zero-point form {info['zero']!r}")
     groupsize = info["groupsize"]
     if groupsize is not None and (int(groupsize) < 1 or -(-cols // int(groupsize)) != groups):
         raise CodecError(f"groupsize {groupsize} does not give {groups} groups of {cols} columns")
+    groupsize = None if groupsize is None else int(groupsize)
+    shape = (rows, groups) if unit == "grid" else (rows,)
+    map_bits = width_map_bits(torch.tensor([lo, hi]))
+    count = int(np.prod(shape))
+    bits = (_unpack(t["row_bits"], map_bits, count) + lo if map_bits else np.full(count, lo)).reshape(shape)
+    if bits.max() > hi:
+        raise CodecError(f"bit width out of its range [{lo}, {hi}]")
+    grid_bits = _grid_widths(bits, groups)
+    codes = np.zeros((rows, cols), dtype=np.int64)
+    for b, where in _width_groups(_column_widths(grid_bits, groupsize, cols)):
+        sel = slots & where
+        codes[sel] = _unpack(t[f"codes{b}"], b, int(sel.sum()))
+    if info["zero"] == "midpoint":
+        zero = (2.0 ** (grid_bits - 1)).astype(np.float32)
+    elif info["zero"] == "packed":
+        zero = np.zeros((rows, groups), dtype=np.float32)
+        for b, where in _width_groups(grid_bits):
+            zero[where] = _unpack(t[f"zero{b}"], b, int(where.sum()))
+    elif info["zero"] == "float32":
+        zero = t["zero"].float().numpy()
+    else:
+        raise CodecError(f"unknown zero-point form {info['zero']!r}")
     grid = QuantGrid(scale=torch.from_numpy(np.ascontiguousarray(scale)),
                      zero=torch.from_numpy(np.ascontiguousarray(zero)),
-                     bits=torch.from_numpy(row_bits.astype(np.int64)),
-                     groupsize=None if groupsize is None else int(groupsize))
+                     bits=torch.from_numpy(np.ascontiguousarray(bits.astype(np.int64))), groupsize=groupsize)
     return grid, codes, slots
 
 
@@ -406,5 +435,6 @@ def decode_layer(info: dict, t: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     grid, codes, slots = layer_grid(info, t)
     if int(slots.sum()) != info["slots"]:
         raise CodecError(f"mask holds {int(slots.sum())} weights, manifest says {info['slots']}")
-    s, z, _ = _grid_arrays(grid.scale.numpy(), grid.zero.numpy(), grid.bits.numpy(), grid.groupsize, cols)
+    s, z, _ = _grid_arrays(grid.scale.numpy(), grid.zero.numpy(), grid.grid_bits().numpy(),
+                           grid.groupsize, cols)
     return from_bits(_dequantize(codes, slots, s, z, dtype), dtype)

@@ -496,3 +496,25 @@ def test_smollm2_round_trip(tmp_path, smollm2_copy, eval_source):
     ids = eval_tokens(tok, eval_source)
     assert (perplexity(loaded, ids, 512, max_windows=2, progress=False).nll
             == perplexity(model, ids, 512, max_windows=2, progress=False).nll)
+
+
+def test_one_width_per_grid_round_trips_and_costs_what_the_storage_model_says(tmp_path):
+    """Mixed precision with unit "group" (a width per row and group of columns) loads bit for bit."""
+    from sparsegpt_utils.mixed_precision import MixedPrecisionConfig
+
+    model = small_llama()
+    calib = torch.randint(0, 128, (4, 32), generator=torch.Generator().manual_seed(0))
+    result = prune_model(model, calib, PruneConfig(density=0.5, quant=QuantSpec(4, groupsize=32),
+                                                   mixed=MixedPrecisionConfig(3.5, unit="group")),
+                         progress=False)
+    assert any(g.bits.ndim == 2 and g.bits.unique(dim=None).numel() > 1 for g in result.grids.values())
+    manifest = save_pruned(model, tmp_path / "ck", masks=result.masks, grids=result.grids,
+                           dtype=torch.float32, progress=False)
+    assert_same_state(load_pruned(tmp_path / "ck")[0], model)
+    for info in manifest["layers"].values():
+        assert info["values"] == "codes" and info["width_unit"] == "grid"
+        weights = info["shape"][0] * info["shape"][1]
+        slack = 8 * len(info["tensors"]) / weights  # < 1 byte of padding per tensor
+        assert info["bits_per_weight"] <= info["bits_model"] + slack
+        if info["mask"] == "bitmask":
+            assert info["bits_model"] - 1e-9 <= info["bits_per_weight"]
