@@ -46,6 +46,7 @@ __all__ = [
     "ModelNotFoundError",
     "run_block",
     "capture_block_inputs",
+    "discover_input_groups",
     "pruned_linears",
     "weight_key",
     "matrix_layout",
@@ -241,8 +242,9 @@ class ModelAdapter:
 
     def linear_groups(self, block: nn.Module) -> list[list[tuple[str, object]]]:
         """The prunable matrices of ``block`` grouped by shared input (they share one Hessian),
-        as seen when the block ran in :func:`capture_block_inputs`; before that, one group per
-        module (the parts of a fused matrix always read one input). Modules that did not run
+        as seen when the block ran in :func:`capture_block_inputs` or
+        :func:`discover_input_groups`; before that, one group per module (the parts of a fused
+        matrix always read one input). Modules that did not run
         are left out (they do not touch the block's output)."""
         matrices = self.matrices(block)
         found = _INPUT_GROUPS.get(block)
@@ -614,6 +616,29 @@ def _dense_pass(model: nn.Module, adapter: ModelAdapter, ids: torch.Tensor,
         raise ValueError(f"the blocks at {adapter.blocks_path} ran in the order {order[:8]}, not once each "
                          f"in order: they are not a sequential decoder stack")
     return per_block
+
+
+@torch.no_grad()
+def discover_input_groups(model: nn.Module, tokens: int = 8,
+                          device: str | torch.device | None = None) -> ModelAdapter:
+    """Run one short dense forward (``tokens`` token ids, one block at a time on ``device``,
+    default where the model is) so that :meth:`ModelAdapter.linear_groups` knows which layers
+    share an input without calibration data; returns the adapter. :func:`capture_block_inputs`
+    does this as part of its work."""
+    adapter = get_adapter(model)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    vocab = int(getattr(model.config, "vocab_size", tokens + 1))
+    ids = (torch.arange(1, tokens + 1) % vocab)[None]
+    moved = adapter.pre_block_modules(model)
+    homes = [next(m.parameters(), torch.empty(0)).device for m in moved]
+    try:
+        for m in moved:
+            m.to(device)
+        _dense_pass(model, adapter, ids, device, discover=True)
+    finally:
+        for m, home in zip(moved, homes):
+            m.to(home)
+    return adapter
 
 
 @torch.no_grad()

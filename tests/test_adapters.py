@@ -12,6 +12,7 @@ from sparsegpt_utils.models import (
     MatrixView,
     assemble_weight,
     capture_block_inputs,
+    discover_input_groups,
     get_adapter,
     matrix_layout,
     parameter_masks,
@@ -168,8 +169,7 @@ def test_fused_parts_share_one_hessian_and_keep_their_own_density():
     """Phi-3's q/k/v and gate/up are one matrix each in the model: the parts share the input
     and each reaches the density on its own."""
     model = tiny("phi3")
-    capture_block_inputs(model, [token_ids(2)])
-    adapter = get_adapter(model)
+    adapter = discover_input_groups(model)
     groups = [[n for n, _ in g] for g in adapter.linear_groups(adapter.blocks(model)[0])]
     assert groups == [["self_attn.qkv_proj.q", "self_attn.qkv_proj.k", "self_attn.qkv_proj.v"],
                       ["self_attn.o_proj"], ["mlp.gate_up_proj.gate", "mlp.gate_up_proj.up"],
