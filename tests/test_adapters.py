@@ -242,3 +242,15 @@ def test_sparse_inference_refuses_conv1d_up_front():
         sparsify_for_inference(model, kernel="csr", measure=False)
     assert all(type(m).__name__ == "Conv1D" for m in model.transformer.h[0].mlp.children()
                if hasattr(m, "weight"))
+
+
+@pytest.mark.parametrize("config,match", [
+    (lambda: tf.BloomConfig(vocab_size=128, hidden_size=64, n_layer=2, n_head=4), "query_key_value.*fused"),
+    (lambda: tf.MixtralConfig(vocab_size=128, hidden_size=64, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, num_local_experts=2),
+     "experts.*not the weight of an nn.Linear"),
+])
+def test_layouts_the_adapter_cannot_split_are_named(config, match):
+    model = tf.AutoModelForCausalLM.from_config(config())
+    with pytest.raises(ValueError, match=match):
+        get_adapter(model)
