@@ -17,6 +17,8 @@ from sparsegpt_utils.models import (
 from sparsegpt_utils.prune import PruneConfig, prune_model
 from tests.conftest import tiny_llama, tiny_opt
 
+CALIB = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
+
 
 def block_outputs(model, ids):
     """Each block's real output during an ordinary forward pass."""
@@ -219,3 +221,66 @@ def test_half_precision_model_prunes_with_float32_hessians(monkeypatch):
         assert torch.isfinite(layer.weight.float()).all()
         agree = (rh.masks[name] == rf.masks[name]).float().mean()
         assert agree > 0.9, (name, float(agree))
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+def test_replay_blocks_reproduces_model(make):
+    """The one replay loop (pruning and OWL): left unchanged, each block's inputs are the
+    model's own hidden states."""
+    from sparsegpt_utils.replay import replay_blocks
+
+    model = make(layers=3)
+    ids = torch.randint(3, 128, (4, 40), generator=torch.Generator().manual_seed(0))
+    expected = block_outputs(model, ids)
+    for step in replay_blocks(model, ids, torch.device("cpu"), batch_size=2, progress=False):
+        if step.index:
+            assert torch.allclose(torch.cat(step.inputs), expected[step.index - 1], atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+@pytest.mark.parametrize("method,exact,nm", [
+    ("admm", False, None), ("admm", False, (2, 4)), ("wanda", True, None), ("magnitude", True, (2, 4)),
+    ("sparsegpt", True, None),
+])
+def test_admm_and_exact_update_in_prune_model(make, method, exact, nm):
+    model = make(layers=2)
+    res = prune_model(model, CALIB, PruneConfig(method=method, density=0.4, nm=nm, exact_update=exact,
+                                                calibration_batch_size=2), progress=False)
+    target = nm[0] / nm[1] if nm else 0.4
+    assert overall_density(density_report(model)) == pytest.approx(target, abs=1 / 64)
+    for name, layer in pruned_linears(model).items():
+        assert not layer.weight[~res.masks[name]].any()
+        if nm:
+            assert (res.masks[name].reshape(layer.out_features, -1, 4).sum(2) == 2).all()
+    assert res.row()["exact_update"] == exact and res.layers["loss"].notna().all()
+
+
+def test_exact_update_lowers_layer_error_of_wanda_masks_and_quantizes_on_the_mask():
+    from sparsegpt_utils.quant import QuantSpec
+
+    a, b = tiny_llama(layers=1), tiny_llama(layers=1)
+    ra = prune_model(a, CALIB, PruneConfig(method="wanda", density=0.5), progress=False)
+    rb = prune_model(b, CALIB, PruneConfig(method="wanda", density=0.5, exact_update=True), progress=False)
+    # block 0 sees the same inputs, so Wanda picks the same masks; the update only moves kept weights
+    assert all(torch.equal(ra.masks[n], rb.masks[n]) for n in ra.masks)
+    c = tiny_llama(layers=1)
+    rc = prune_model(c, CALIB, PruneConfig(method="admm", density=0.5, quant=QuantSpec(4)), progress=False)
+    for name, layer in pruned_linears(c).items():
+        grid = rc.grids[name]
+        assert not layer.weight[~rc.masks[name]].any()
+        q = torch.round(layer.weight / grid.scale + grid.zero)  # kept values lie on the grid
+        assert torch.allclose((q - grid.zero) * grid.scale, layer.weight, atol=1e-5)
+
+
+@pytest.mark.parametrize("make", [tiny_opt, tiny_llama])
+def test_admm_owl_reconstruct_compose(make):
+    model = make(layers=3)
+    config = PruneConfig(method="admm", density=0.3, owl=True, reconstruct=True, reconstruct_steps=4,
+                         calibration_batch_size=2)
+    res = prune_model(model, CALIB, config, progress=False)
+    assert res.row() == {"owl": True, "block_densities": res.block_densities, "exact_update": False,
+                         "reconstruct": True}
+    assert overall_density(density_report(model)) == pytest.approx(0.3, abs=1 / 64)
+    assert (res.blocks.reconstruct_error_after <= res.blocks.reconstruct_error_before).all()
+    for name, layer in pruned_linears(model).items():
+        assert not layer.weight[~res.masks[name]].any()
