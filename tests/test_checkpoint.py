@@ -343,3 +343,21 @@ def test_importing_the_package_registers_the_format_without_importing_transforme
         "assert all(torch.equal(sa[k], sb[k]) for k in sb)\n"
         "print('ok')\n", tmp_path)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_smollm2_from_pretrained_equals_load_pruned(tmp_path, smollm2_copy, eval_source):
+    from transformers import AutoModelForCausalLM
+
+    from sparsegpt_utils.data import eval_tokens
+    from sparsegpt_utils.evaluate import perplexity
+
+    model, tok = smollm2_copy
+    masks, grids = prune(model, "d0.5+4bit")
+    save_pruned(model, tmp_path / "ck", tokenizer=tok, masks=masks, grids=grids, progress=False)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ck", dtype=torch.float32)
+    reference, _ = load_pruned(tmp_path / "ck", dtype=torch.float32)
+    assert_same_state(loaded, reference)
+    ids = eval_tokens(tok, eval_source)
+    assert (perplexity(loaded, ids, 512, max_windows=2, progress=False).nll
+            == perplexity(reference, ids, 512, max_windows=2, progress=False).nll)
