@@ -20,6 +20,7 @@ each process draws its own slice of every global batch. bf16 autocast on GPU via
 
 from __future__ import annotations
 
+import copy
 import math
 import time
 from collections.abc import Sequence
@@ -50,6 +51,10 @@ __all__ = [
 ]
 
 
+ADAMW_IMPLS = ("default", "foreach", "fused")
+TEACHER_DTYPES = ("same", "bfloat16")
+
+
 @dataclass
 class FinetuneConfig:
     """Fine-tuning hyper-parameters. ``steps`` counts optimizer steps; each step sees
@@ -69,6 +74,11 @@ class FinetuneConfig:
     squarehead_weight: float = 0.0
     gradient_checkpointing: bool = False
     mixed_precision: str = "no"  # "bf16" on GPU
+    # AdamW implementation: "fused" (one kernel over all parameters), "foreach" (batched), or
+    # "default" (torch's own choice: a per-parameter loop on CPU); the same update up to rounding
+    adamw: str = "default"
+    # the teacher's weights: "same" (as given), or "bfloat16" (a bf16 copy, the given teacher untouched)
+    teacher_dtype: str = "same"
     val_windows: int = 4  # validation windows (held-out slice of the training text)
     seed: int = 0
 
@@ -89,6 +99,10 @@ class FinetuneConfig:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.adamw not in ADAMW_IMPLS:
+            raise ValueError(f"adamw must be one of {ADAMW_IMPLS}, got {self.adamw!r}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype must be one of {TEACHER_DTYPES}, got {self.teacher_dtype!r}")
         if self.val_windows < 0:
             raise ValueError(f"val_windows must be >= 0, got {self.val_windows}")
 
@@ -317,6 +331,8 @@ def finetune(
 
     model.to(accelerator.device)
     if teacher is not None:
+        if config.teacher_dtype == "bfloat16":  # a copy: the caller's teacher keeps its weights
+            teacher = copy.deepcopy(teacher).to(torch.bfloat16)
         teacher.to(accelerator.device).eval().requires_grad_(False)
     main = accelerator.is_main_process
     val_before = validation_loss(model, val_windows, config.batch_size) if main else float("nan")
@@ -336,7 +352,8 @@ def _train(model, teacher, train_ids, config: FinetuneConfig, accelerator, log, 
         model.gradient_checkpointing_enable()
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay)
+    impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[config.adamw]
+    optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **impl)
     warm = max(1, config.warmup_steps)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / warm) if config.warmup_steps else 1.0)
