@@ -19,7 +19,7 @@ from collections.abc import Sequence
 
 import torch
 
-from .solver import SolveResult, check_density, nm_mask, parse_nm
+from .solver import SolveResult, check_density, nm_mask, parse_nm, prune_lowest
 
 __all__ = ["exact_update", "admm_prune", "masked_least_squares"]
 
@@ -43,7 +43,7 @@ def _scaled_problem(weight: torch.Tensor, hessian: torch.Tensor, percdamp: float
 
 
 def masked_least_squares(target: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor,
-                         start: torch.Tensor | None = None, tol: float = 1e-6,
+                         start: torch.Tensor | None = None, tol: float = 2e-6,
                          max_iterations: int = 200) -> torch.Tensor:
     """Per row r: ``x_S = H_SS⁻¹ b_S`` on the row's kept set S (``mask[r]``), zero elsewhere.
 
@@ -93,11 +93,7 @@ def _select(score: torch.Tensor, density: float, nm: tuple[int, int] | None) -> 
     """Keep the highest scores: per row (density), or per N:M group."""
     if nm is not None:
         return nm_mask(score, *nm)
-    prune = round(score.shape[1] * (1 - density))
-    kept = torch.ones_like(score, dtype=torch.bool)
-    if prune:
-        kept.scatter_(1, torch.topk(score, prune, dim=1, largest=False).indices, False)
-    return kept
+    return prune_lowest(score, round(score.shape[1] * (1 - density)), per_row=True)
 
 
 @torch.no_grad()
