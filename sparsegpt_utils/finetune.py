@@ -305,13 +305,16 @@ def finetune(
     val_ids: torch.Tensor | None = None,
     accelerator=None,
     progress: bool = True,
+    callback=None,
 ) -> FinetuneResult:
     """Fine-tune ``model`` in place on windows drawn from ``train_ids`` [1, n], keeping the
     zero pattern of every layer in ``masks`` (default: the current nonzeros of every pruned
     layer). ``teacher``: the dense model for distillation (frozen). ``val_ids``: held-out
     tokens of the training source; its first ``val_windows`` windows give the validation loss
     before and after. ``accelerator``: an ``accelerate.Accelerator`` (made here when None;
-    under ``accelerate launch`` it picks up DDP/FSDP from the launch configuration)."""
+    under ``accelerate launch`` it picks up DDP/FSDP from the launch configuration).
+    ``callback(step, model)``: called on every process after each optimizer step (1-based) with
+    the unwrapped model, its weights masked (e.g. to evaluate along the run)."""
     from accelerate import Accelerator
 
     if (config.kd_weight > 0 or config.squarehead_weight > 0) and teacher is None:
@@ -340,14 +343,15 @@ def finetune(
     log, tokens = [], 0
     if config.steps > 0:
         with masked_weights(model, masks):
-            tokens = _train(model, teacher, train_ids, config, accelerator, log, progress)
+            tokens = _train(model, teacher, train_ids, config, accelerator, log, progress, callback)
     model.eval()
     kept = masks_kept(model, masks)
     val_after = validation_loss(model, val_windows, config.batch_size) if main else float("nan")
     return FinetuneResult(pd.DataFrame(log), val_before, val_after, kept, time.perf_counter() - start, tokens)
 
 
-def _train(model, teacher, train_ids, config: FinetuneConfig, accelerator, log, progress) -> int:
+def _train(model, teacher, train_ids, config: FinetuneConfig, accelerator, log, progress,
+           callback=None) -> int:
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
@@ -396,6 +400,8 @@ def _train(model, teacher, train_ids, config: FinetuneConfig, accelerator, log, 
         log.append({"step": step + 1, **totals, "lr": schedule.get_last_lr()[0],
                     "seconds": time.perf_counter() - t0})
         bar.set_postfix(loss=f"{totals['loss']:.3f}")
+        if callback is not None:
+            callback(step + 1, accelerator.unwrap_model(wrapped))
     if config.gradient_checkpointing:
         accelerator.unwrap_model(wrapped).gradient_checkpointing_disable()
     accelerator.free_memory()

@@ -268,3 +268,16 @@ def test_bf16_teacher_loss_close_to_float32_teacher_and_teacher_untouched():
         FinetuneConfig(teacher_dtype="float8")
     with pytest.raises(ValueError, match="adamw"):
         FinetuneConfig(adamw="sgd")
+
+
+def test_callback_sees_each_step_with_masked_weights():
+    model, masks = _pruned(tiny_llama)
+    seen = []
+
+    def callback(step, m):
+        weights = {n: m.get_submodule(n).weight.detach() for n in masks}
+        seen.append((step, all(not w[~masks[n]].ne(0).any() for n, w in weights.items())))
+
+    finetune(model, _tokens(), FinetuneConfig(steps=3, lr=1e-2, seqlen=32, val_windows=0), masks=masks,
+             progress=False, callback=callback)
+    assert seen == [(1, True), (2, True), (3, True)]
