@@ -149,7 +149,7 @@ def main(argv=None):
     final = table[table["final"]]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(final[["recipe", "loss", "lr", "density_target", "sparsity", "ppl", "train_tokens",
-                     "seconds"]].round(4).to_string(index=False))
+                     "seconds"]].round({"ppl": 2, "sparsity": 4, "seconds": 1}).to_string(index=False))
 
 
 def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, density, recipe, loss, lr,
