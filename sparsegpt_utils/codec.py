@@ -20,7 +20,8 @@ row's width (left out when every one is the symmetric midpoint ``2**(b-1)``), an
 widths as offsets from the smallest (``quant.width_map_bits`` bits per row; none when uniform).
 
 :func:`encode_layer` returns the tensors (by key suffix) and the layer's manifest entry;
-:func:`decode_layer` takes them back to the weight, bit for bit (a zero's sign aside).
+:func:`decode_layer` takes them back to the weight, bit for bit (a zero's sign aside);
+:func:`decode_kept` gives the slots and their values without the dense weight.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ __all__ = [
     "decode_slots",
     "encode_layer",
     "decode_layer",
+    "decode_kept",
     "layer_grid",
 ]
 
@@ -368,13 +370,10 @@ def encode_layer(weight: torch.Tensor, mask: np.ndarray, grid: QuantGrid | None,
     return tensors, info
 
 
-def layer_grid(info: dict, t: dict[str, torch.Tensor]) -> tuple[QuantGrid, np.ndarray, np.ndarray] | None:
-    """A quantized layer's grid, integer codes int64 [rows, cols] (0 outside the slots) and slots
-    bool [rows, cols]; None for a layer stored as values."""
-    if info["values"] != "codes":
-        return None
-    rows, cols = (int(x) for x in info["shape"])
-    slots = decode_slots(info, t).reshape(rows, cols)
+def _read_grid(info: dict, t: dict[str, torch.Tensor], rows: int, cols: int):
+    """A quantized layer's grid, checked against ``info``: (scale float32 [rows, groups], zero
+    float32 [rows, groups], widths int64 [rows] or [rows, groups], each grid's width int64
+    [rows, groups], groupsize)."""
     lo, hi = (int(x) for x in info["wbits_range"])
     if not 1 <= lo <= hi <= 16:
         raise CodecError(f"bit widths [{lo}, {hi}] outside [1, 16]")
@@ -396,10 +395,6 @@ def layer_grid(info: dict, t: dict[str, torch.Tensor]) -> tuple[QuantGrid, np.nd
     if bits.max() > hi:
         raise CodecError(f"bit width out of its range [{lo}, {hi}]")
     grid_bits = _grid_widths(bits, groups)
-    codes = np.zeros((rows, cols), dtype=np.int64)
-    for b, where in _width_groups(_column_widths(grid_bits, groupsize, cols)):
-        sel = slots & where
-        codes[sel] = _unpack(t[f"codes{b}"], b, int(sel.sum()))
     if info["zero"] == "midpoint":
         zero = (2.0 ** (grid_bits - 1)).astype(np.float32)
     elif info["zero"] == "packed":
@@ -410,10 +405,69 @@ def layer_grid(info: dict, t: dict[str, torch.Tensor]) -> tuple[QuantGrid, np.nd
         zero = t["zero"].float().numpy()
     else:
         raise CodecError(f"unknown zero-point form {info['zero']!r}")
+    return scale, zero, bits, grid_bits, groupsize
+
+
+def layer_grid(info: dict, t: dict[str, torch.Tensor]) -> tuple[QuantGrid, np.ndarray, np.ndarray] | None:
+    """A quantized layer's grid, integer codes int64 [rows, cols] (0 outside the slots) and slots
+    bool [rows, cols]; None for a layer stored as values."""
+    if info["values"] != "codes":
+        return None
+    rows, cols = (int(x) for x in info["shape"])
+    slots = decode_slots(info, t).reshape(rows, cols)
+    scale, zero, bits, grid_bits, groupsize = _read_grid(info, t, rows, cols)
+    codes = np.zeros((rows, cols), dtype=np.int64)
+    for b, where in _width_groups(_column_widths(grid_bits, groupsize, cols)):
+        sel = slots & where
+        codes[sel] = _unpack(t[f"codes{b}"], b, int(sel.sum()))
     grid = QuantGrid(scale=torch.from_numpy(np.ascontiguousarray(scale)),
                      zero=torch.from_numpy(np.ascontiguousarray(zero)),
                      bits=torch.from_numpy(np.ascontiguousarray(bits.astype(np.int64))), groupsize=groupsize)
     return grid, codes, slots
+
+
+def _checked_slots(info: dict, t: dict[str, torch.Tensor]) -> np.ndarray:
+    rows, cols = (int(x) for x in info["shape"])
+    slots = decode_slots(info, t).reshape(rows, cols)
+    if int(slots.sum()) != info["slots"]:
+        raise CodecError(f"mask holds {int(slots.sum())} weights, manifest says {info['slots']}")
+    return slots
+
+
+def _stored_values(info: dict, t: dict[str, torch.Tensor]) -> torch.Tensor:
+    values = t["values"]
+    if values.dtype not in _INT_OF:
+        raise CodecError(f"values of dtype {dtype_name(values.dtype)} are not a float dtype")
+    if values.numel() != info["slots"]:
+        raise CodecError(f"{values.numel()} values for {info['slots']} slots")
+    return values
+
+
+def decode_kept(info: dict, t: dict[str, torch.Tensor],
+                dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """A layer's slots and their values, without its dense weight: (bool [rows, cols], values
+    [slots] in ``dtype``, row-major) such that ``decode_layer(info, t, dtype)[slots]`` equals the
+    values bit for bit and the weight is zero elsewhere. Values stored as floats come back as
+    stored (cast to ``dtype``); a quantized layer's codes are dequantized at its slots only, with
+    the arithmetic of :func:`decode_layer` (``scale * (code - zero)`` in float32, rounded to
+    ``dtype``). Memory: the bool slots, the values, and int64 row / column indices of the slots
+    while a quantized layer is dequantized. Raises :class:`CodecError` like :func:`decode_layer`."""
+    rows, cols = (int(x) for x in info["shape"])
+    slots = _checked_slots(info, t)
+    if info["values"] != "codes":
+        return torch.from_numpy(slots), _stored_values(info, t).to(dtype)
+    scale, zero, _bits, grid_bits, groupsize = _read_grid(info, t, rows, cols)
+    r, c = np.nonzero(slots)  # row-major, the order the codes are stored in
+    g = c // groupsize if groupsize is not None and scale.shape[1] > 1 else np.zeros_like(c)
+    del c
+    widths = grid_bits[r, g]
+    codes = np.zeros(r.size, dtype=np.int64)
+    for b in np.unique(widths):
+        sel = widths == b
+        codes[sel] = _unpack(t[f"codes{int(b)}"], int(b), int(sel.sum()))
+    del widths
+    values = scale[r, g] * (codes.astype(np.float32) - zero[r, g])  # as _dequantize computes it
+    return torch.from_numpy(slots), from_bits(store_bits(values, dtype), dtype)
 
 
 def decode_layer(info: dict, t: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
@@ -421,14 +475,8 @@ def decode_layer(info: dict, t: dict[str, torch.Tensor], dtype: torch.dtype) -> 
     :class:`CodecError` where the tensors and ``info`` disagree."""
     rows, cols = (int(x) for x in info["shape"])
     if info["values"] != "codes":
-        slots = decode_slots(info, t).reshape(rows, cols)
-        if int(slots.sum()) != info["slots"]:
-            raise CodecError(f"mask holds {int(slots.sum())} weights, manifest says {info['slots']}")
-        values = t["values"]
-        if values.dtype not in _INT_OF:
-            raise CodecError(f"values of dtype {dtype_name(values.dtype)} are not a float dtype")
-        if values.numel() != info["slots"]:
-            raise CodecError(f"{values.numel()} values for {info['slots']} slots")
+        slots = _checked_slots(info, t)
+        values = _stored_values(info, t)
         out = np.zeros((rows, cols), dtype=np.int32 if values.element_size() == 4 else np.int16)
         out[slots] = values.view(_INT_OF[values.dtype]).numpy()
         return from_bits(out, values.dtype).to(dtype)
