@@ -18,7 +18,7 @@ from tqdm.auto import tqdm
 from .models import model_seqlen, pruned_linears
 
 __all__ = ["PerplexityResult", "perplexity", "density_report", "overall_density", "find_checkpoints",
-           "hub_reachable", "available_sources", "load_checkpoint", "evaluate_checkpoints",
+           "available_sources", "load_checkpoint", "evaluate_checkpoints",
            "SAVED_SETTING_KEYS", "saved_settings", "evaluate_as_saved"]
 
 
@@ -106,46 +106,19 @@ def find_checkpoints(root: str | Path, model: str, method: str,
     return {d: next((p for k, p in found.items() if abs(k - d) < 1e-9), None) for d in densities}
 
 
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """Whether huggingface.co answers (a quick check before trying hub data sets, whose
-    offline failure takes half a minute of retries)."""
-    import socket
-
-    if os.environ.get("HF_HUB_OFFLINE") in ("1", "true", "True") or \
-            os.environ.get("HF_DATASETS_OFFLINE") in ("1", "true", "True"):
-        return False
-    try:
-        socket.create_connection(("huggingface.co", 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
-
-
 def available_sources(sources: Sequence[str]) -> tuple[list[str], dict[str, str]]:
-    """Split evaluation sources into those that can be read now and those that cannot
-    (with the reason): a local file in ``SPARSEGPT_DATA_DIR`` or a reachable hub."""
-    from .data import LOCAL_FILES
-    from .paths import data_dir as data_folder
+    """Split evaluation sources into those that can be read now and those that cannot, with
+    the reason (:func:`data.text_available`: a file, the data folder, or a reachable hub)."""
+    from .data import text_available
 
-    data_dir = data_folder()
-    ok, missing, hub = [], {}, None
+    ok, missing = [], {}
     for source in sources:
-        if source == "stdlib" or Path(source).is_file():
-            ok.append(source)
-            continue
-        if source not in LOCAL_FILES:
-            missing[source] = "neither a file nor a known source"
-            continue
         split = "validation" if source in ("c4", "wikitext2-valid") else "test"
-        rel = LOCAL_FILES[source].get(split)
-        if data_dir is not None and rel and (data_dir / rel).is_file():
-            ok.append(source)
-            continue
-        hub = hub_reachable() if hub is None else hub
-        if hub:
+        why = text_available(source, split)
+        if why is None:
             ok.append(source)
         else:
-            missing[source] = "no file in SPARSEGPT_DATA_DIR and the Hugging Face hub is unreachable"
+            missing[source] = why
     return ok, missing
 
 

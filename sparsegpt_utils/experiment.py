@@ -328,7 +328,8 @@ def resolve_texts(exp: Experiment) -> tuple[TextSource | None, TextSource | None
     """(calibration text, evaluation text) of ``exp``, read once, before any model loads; None
     where the run needs none. After a fallback, the text's ``note`` says what was replaced."""
     calib = evaluation = None
-    if exp.prune.method != "magnitude" or exp.prune.owl:
+    p = exp.prune
+    if p.method != "magnitude" or p.owl or p.exact_update or p.reconstruct:
         with loading("calib", exp.calib.source):
             calib = calibration_text(exp.calib.source, fallback=exp.calib.fallback)
     if exp.eval.source is not None:

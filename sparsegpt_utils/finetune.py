@@ -33,7 +33,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 from tqdm.auto import tqdm
 
-from .models import pruned_linears
+from .models import parameter_masks, pruned_linears
 
 __all__ = [
     "FinetuneConfig",
@@ -225,21 +225,20 @@ class _Mask(nn.Module):
 @contextmanager
 def masked_weights(model: nn.Module, masks: dict[str, torch.Tensor]):
     """Inside the block, each layer named in ``masks`` computes with ``W_orig * mask``; on exit
-    the masked weights become the plain weights again (pattern exact)."""
-    layers = pruned_linears(model)
-    unknown = set(masks) - set(layers)
-    if unknown:
-        raise ValueError(f"masks name layers the model does not have: {sorted(unknown)[:3]}")
-    for name, mask in masks.items():
-        layer = layers[name]
+    the masked weights become the plain weights again (pattern exact). Works on the module
+    that owns the parameter: a fused matrix (GPT-2's ``c_attn``) gets its parts' masks merged,
+    a Conv1D its mask transposed."""
+    owners = parameter_masks(model, masks)  # raises on names the model does not have
+    for module, mask in owners:
         with torch.no_grad():
-            layer.weight.mul_(mask.to(layer.weight.device, layer.weight.dtype))
-        parametrize.register_parametrization(layer, "weight", _Mask(mask.to(layer.weight.device, torch.bool)))
+            module.weight.mul_(mask.to(module.weight.device, module.weight.dtype))
+        parametrize.register_parametrization(module, "weight",
+                                             _Mask(mask.to(module.weight.device, torch.bool)))
     try:
         yield
     finally:
-        for name in masks:
-            parametrize.remove_parametrizations(layers[name], "weight", leave_parametrized=True)
+        for module, _ in owners:
+            parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
 @torch.no_grad()

@@ -24,7 +24,6 @@ contains evaluation text.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import math
@@ -51,7 +50,7 @@ from .finetune import FinetuneConfig, current_masks, finetune, split_train_valid
 from .mixed_precision import MixedPrecisionConfig
 from .models import load_model, pruned_linears
 from .owl import block_params, outlier_ratios, owl_densities
-from .prune import METHODS, PruneConfig, prune_model
+from .prune import PruneConfig, prune_model
 from .quant import QuantSpec
 from .results import atomic_dir, remove_stale_temps, write_csv_atomic, write_json_atomic
 from .save_utils import load_masked_model_single, save_pruned
@@ -67,8 +66,6 @@ __all__ = [
     "prune_config_from_dict",
     "prune_row_keys",
     "round_to_grids",
-    "add_cli_arguments",
-    "cli_main",
 ]
 
 
@@ -299,7 +296,7 @@ def _finished_steps(run_dir: Path) -> list[dict]:
 # one row per schedule step (step 0: the dense model); result-row keys are added after these
 HISTORY_COLUMNS = ["step", "density_target", "density", "sparsity", "ppl_pruned", "ppl_finetuned",
                    "val_ppl_pruned", "val_ppl_finetuned", "finetune_steps", "train_tokens",
-                   "masks_kept", "prune_seconds", "finetune_seconds", "seconds"]
+                   "masks_kept", "empty_rows", "prune_seconds", "finetune_seconds", "seconds"]
 
 
 def run_iterative(
@@ -372,7 +369,7 @@ def run_iterative(
         dense_ppl = ppl(model) if main else float("nan")
         history = [{"step": 0, "density_target": 1.0, "density": 1.0, "sparsity": 0.0,
                     "ppl_pruned": dense_ppl, "ppl_finetuned": dense_ppl, "finetune_steps": 0,
-                    "train_tokens": 0, "masks_kept": True,
+                    "train_tokens": 0, "masks_kept": True, "empty_rows": 0,
                     "prune_seconds": 0.0, "finetune_seconds": 0.0, "seconds": 0.0}]
         if main:
             write_json_atomic(run_dir / "dense.json", history[0])
@@ -409,6 +406,8 @@ def run_iterative(
                "val_ppl_pruned": _exp(ft.val_loss_before), "val_ppl_finetuned": _exp(ft.val_loss_after),
                "finetune_steps": ft_config.steps, "train_tokens": ft.tokens,
                "masks_kept": bool(ft.masks_kept),
+               # rows of the pruned layers that keep no weight (their outputs are the bias)
+               "empty_rows": int(sum(int((~m.any(1)).sum()) for m in masks.values())),
                "prune_seconds": t_prune, "finetune_seconds": ft.seconds, "seconds": time.perf_counter() - t0}
         if not ft.masks_kept:
             raise RuntimeError(f"step {step}: a pruned weight became nonzero during fine-tuning")
@@ -514,102 +513,3 @@ def _check_run_config(run_dir: Path, config: IterativeConfig, main: bool) -> Non
                                  f"now {new[key]!r}: use another run_dir")
     elif main:
         write_json_atomic(path, now)
-
-
-# ----------------------------------------------------------------------------- CLI
-
-def add_cli_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Arguments of ``python -m sparsegpt_utils iterative`` (the pruning options are carried to
-    every level)."""
-    d, f, p = IterativeConfig(), FinetuneConfig(kd_weight=1.0), PruneConfig()
-    a = parser.add_argument
-    a("--model", default=d.model, help="hub id, local folder, or smollm2-135m (default %(default)s)")
-    a("--densities", default=",".join(map(str, d.densities)),
-      help="fraction of weights KEPT after each step, falling, comma-separated (default %(default)s)")
-    a("--cubic-steps", type=int, default=0,
-      help="use a cubic schedule of this many steps to the last density (default %(default)s: off)")
-    a("--method", default=p.method, choices=METHODS, help="default %(default)s")
-    a("--nm", default=None, help="N:M pattern at the last level; the last density must be N/M")
-    a("--wbits", type=int, default=None, help="quantize every level to this many bits (default: off)")
-    a("--groupsize", type=int, default=None, help="columns per quantization grid (default: per row)")
-    a("--percdamp", type=float, default=p.percdamp, help="Hessian damping (default %(default)s)")
-    a("--blocksize", type=int, default=p.blocksize, help="lazy-update block B (default %(default)s)")
-    a("--mask-blocksize", type=int, default=p.mask_blocksize, help="mask block Bs (default %(default)s)")
-    a("--calib-samples", type=int, default=d.calib_samples, help="default %(default)s")
-    a("--calib-seqlen", type=int, default=d.calib_seqlen, help="default %(default)s")
-    a("--seed", type=int, default=d.seed, help="default %(default)s")
-    a("--train", dest="train_source", default=d.train_source,
-      help="training text: a source name (its train split) or a file path; never the eval text "
-           "(default %(default)s)")
-    a("--val-tokens", type=int, default=d.val_tokens,
-      help="held-out tail of the training text for validation (default %(default)s)")
-    a("--train-steps", type=int, default=d.train_steps,
-      help="optimizer steps per epoch (default %(default)s)")
-    a("--num-epochs", type=int, default=d.num_epochs,
-      help="epochs per step (fine-tuning steps per step = train-steps × this; default %(default)s)")
-    a("--lr", type=float, default=f.lr, help="default %(default)s")
-    a("--batch-size", type=int, default=f.batch_size,
-      help="windows per process per micro-batch (default %(default)s)")
-    a("--grad-accum", type=int, default=f.grad_accum, help="default %(default)s")
-    a("--seqlen", type=int, default=f.seqlen, help="training window length in tokens (default %(default)s)")
-    a("--lm-weight", type=float, default=f.lm_weight, help="default %(default)s")
-    a("--kd-weight", type=float, default=f.kd_weight,
-      help="token KL to the dense teacher (default %(default)s)")
-    a("--kd-temperature", type=float, default=f.kd_temperature, help="default %(default)s")
-    a("--squarehead-weight", type=float, default=f.squarehead_weight,
-      help="per-layer normalized hidden MSE (default %(default)s)")
-    a("--warmup-steps", type=int, default=f.warmup_steps, help="default %(default)s")
-    a("--gradient-checkpointing", action="store_true")
-    a("--mixed-precision", default="no", choices=("no", "bf16", "fp16"), help="bf16 on GPU (default no)")
-    a("--eval", dest="eval_source", default=d.eval_source, help="default %(default)s")
-    a("--eval-windows", type=int, default=d.eval_windows,
-      help="first W windows of the test text (0: all; default %(default)s)")
-    a("--eval-seqlen", type=int, default=d.eval_seqlen, help="default %(default)s")
-    a("--owl", action="store_true", help="OWL layer-wise densities (same global density)")
-    a("--owl-lambda", type=float, default=p.owl_lambda, help="default %(default)s")
-    a("--owl-m", type=float, default=p.owl_m, help="OWL outlier threshold (default %(default)s)")
-    a("--run-dir", default=None, help="checkpoints + history (default pruned_models/iterative_<model>)")
-    a("--results", default=None, help="CSV copy of the history (default results/iterative_<model>.csv)")
-    a("--plot", default=None, help="plot path without suffix (default: beside --results)")
-    return parser
-
-
-def config_from_args(args: argparse.Namespace) -> IterativeConfig:
-    ft_names = {f.name for f in fields(FinetuneConfig)}
-    ft = {k: v for k, v in vars(args).items() if k in ft_names and k != "steps"}
-    try:
-        densities = [float(x) for x in str(args.densities).split(",") if x.strip()]
-    except ValueError as err:
-        raise ValueError(f"--densities must be comma-separated numbers in (0, 1], "
-                         f"got {args.densities!r}") from err
-    quant = QuantSpec(args.wbits, args.groupsize) if args.wbits else None
-    if args.groupsize is not None and quant is None:
-        raise ValueError("--groupsize needs --wbits")
-    prune = PruneConfig(method=args.method, nm=args.nm, quant=quant, percdamp=args.percdamp,
-                        blocksize=args.blocksize, mask_blocksize=args.mask_blocksize, owl=args.owl,
-                        owl_lambda=args.owl_lambda, owl_m=args.owl_m)
-    return IterativeConfig(
-        model=args.model, densities=densities, cubic_steps=args.cubic_steps, prune=prune,
-        calib_samples=args.calib_samples, calib_seqlen=args.calib_seqlen, seed=args.seed,
-        train_source=args.train_source, val_tokens=args.val_tokens, train_steps=args.train_steps,
-        num_epochs=args.num_epochs, finetune=FinetuneConfig(**ft), eval_source=args.eval_source,
-        eval_windows=args.eval_windows or None, eval_seqlen=args.eval_seqlen)
-
-
-def cli_main(args: argparse.Namespace) -> int:
-    """Run ``python -m sparsegpt_utils iterative``; returns the exit code (0)."""
-    from .paths import pruned_dir, results_dir
-    from .plots import plot_history
-
-    config = config_from_args(args)  # validates before any long work
-    name = Path(config.model).name
-    run_dir = args.run_dir or pruned_dir() / f"iterative_{name}"
-    results = args.results or results_dir() / f"iterative_{name}.csv"
-    history = run_iterative(config, run_dir, results_csv=results)
-    from accelerate import PartialState
-
-    if PartialState().is_main_process:
-        plot_history(history, args.plot or Path(results).with_suffix(""))
-        with pd.option_context("display.width", 160, "display.max_columns", 20):
-            print(history.round(4).to_string(index=False))
-    return 0

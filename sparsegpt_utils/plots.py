@@ -43,6 +43,7 @@ __all__ = [
     "load_bench_results",
     "testing_figure",
     "save_figure",
+    "plot_history",
 ]
 
 # the method families of the paper's figures, in legend order

@@ -9,6 +9,7 @@ one Hessian and are solved as one stacked matrix, each keeping its own mask.
 from __future__ import annotations
 
 import time
+import warnings
 from collections.abc import Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
@@ -25,6 +26,7 @@ from .quant import QuantGrid, QuantSpec, rtn_quantize
 from .reconstruct import reconstruct_block, residual_writers
 from .replay import replay_blocks, run_inputs
 from .solver import (
+    EmptyRowsWarning,
     HessianAccumulator,
     check_density,
     magnitude_mask,
@@ -261,8 +263,10 @@ def prune_model(
         for g, group in enumerate(groups):
             names = [f"{adapter.blocks_path}.{index}.{n}" for n, _ in group]
             hessian = accumulators[g].hessian if needs_data else None
-            solved = _solve_group(config, names, [m for _, m in group], hessian, density,
-                                  accumulators.get(g))
+            with warnings.catch_warnings():  # counted per layer below, reported once per run
+                warnings.simplefilter("ignore", EmptyRowsWarning)
+                solved = _solve_group(config, names, [m for _, m in group], hessian, density,
+                                      accumulators.get(g))
             for name, (_, layer), (mask, grid, loss, secs) in zip(names, group, solved):
                 masks[name] = mask.cpu()
                 if grid is not None:
@@ -273,6 +277,8 @@ def prune_model(
                     "density_target": density if config.nm is None else config.nm[0] / config.nm[1],
                     "density": float(mask.float().mean()),
                     "sparsity": 1 - float(mask.float().mean()),
+                    # rows that had a weight and keep none: their outputs are the bias alone
+                    "empty_rows": int((~mask.any(1)).sum()),
                     "loss": loss, "seconds": secs,
                 })
         solver_seconds += time.perf_counter() - t0
@@ -294,9 +300,15 @@ def prune_model(
             del targets, part_targets, rec
         block_rows.append(block_row)
 
+    table = pd.DataFrame(rows)
+    if len(table) and table["empty_rows"].any():
+        hit = table[table["empty_rows"] > 0]
+        warnings.warn(f"{len(hit)} of {len(table)} pruned layers have rows that keep no weight "
+                      f"({int(hit['empty_rows'].sum())} rows; their outputs are zeroed): see the "
+                      "layer table's empty_rows column", EmptyRowsWarning, stacklevel=3)
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else None
     used = None if config.block_densities is None else [float(d) for d in config.block_densities]
-    return PruneResult(pd.DataFrame(rows), masks, grids, time.perf_counter() - start, solver_seconds,
+    return PruneResult(table, masks, grids, time.perf_counter() - start, solver_seconds,
                        peak, getattr(config.bit_allocator, "stats", None), blocks=pd.DataFrame(block_rows),
                        block_densities=used,
                        owl=config.owl, exact_update=config.exact_update, reconstruct=config.reconstruct)

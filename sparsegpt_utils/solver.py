@@ -18,6 +18,7 @@ import torch
 from .quant import QuantGrid, QuantSpec, find_params, quantize
 
 __all__ = [
+    "EmptyRowsWarning",
     "HessianAccumulator",
     "SolveResult",
     "sparsegpt_solve",
@@ -66,12 +67,16 @@ def check_finite(tensor: torch.Tensor, what: str, name: str | None = None) -> No
                          "(NaN or inf); refusing to prune it")
 
 
+class EmptyRowsWarning(RuntimeWarning):
+    """A mask keeps no weight of some rows that had one (their outputs become the bias)."""
+
+
 def _warn_empty_rows(kept: torch.Tensor, weight: torch.Tensor, name: str | None) -> None:
     """One warning when the mask keeps nothing of rows that had a nonzero weight."""
     emptied = int((~kept.any(1) & (weight != 0).any(1).to(kept.device)).sum())
     if emptied:
         warnings.warn(f"{_layer(name)}: {emptied} of {kept.shape[0]} rows keep no weight at this "
-                      "density; their outputs are zeroed", RuntimeWarning, stacklevel=3)
+                      "density; their outputs are zeroed", EmptyRowsWarning, stacklevel=3)
 
 
 class HessianAccumulator:

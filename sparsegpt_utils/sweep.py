@@ -56,7 +56,6 @@ from .evaluate import (
     available_sources,
     evaluate_checkpoints,
     find_checkpoints,
-    hub_reachable,
     load_checkpoint,
 )
 from .paths import project_pythonpath, project_root, pruned_dir, results_dir, sweep_run_env
@@ -94,7 +93,6 @@ __all__ = [
     "add_cli_arguments",
     "cli_main",
     "find_checkpoints",
-    "hub_reachable",
     "available_sources",
     "load_checkpoint",
     "evaluate_checkpoints",

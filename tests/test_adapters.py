@@ -254,3 +254,24 @@ def test_layouts_the_adapter_cannot_split_are_named(config, match):
     model = tf.AutoModelForCausalLM.from_config(config())
     with pytest.raises(ValueError, match=match):
         get_adapter(model)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "phi3"])
+def test_finetuning_keeps_the_masks_of_fused_and_conv1d_matrices(family):
+    """Masked fine-tuning of a model whose pruned matrices are parts of one parameter (GPT-2's
+    Conv1D c_attn, Phi-3's qkv_proj): every pruned weight stays zero, the kept ones move."""
+    from sparsegpt_utils.finetune import FinetuneConfig, current_masks, finetune
+
+    model = tiny(family)
+    prune_model(model, token_ids(4, seed=1), PruneConfig(density=0.5, blocksize=16, mask_blocksize=16),
+                progress=False)
+    masks = current_masks(model)
+    before = {n: layer.weight.detach().clone() for n, layer in pruned_linears(model).items()}
+    result = finetune(model, torch.randint(0, 128, (1, 4096), generator=torch.Generator().manual_seed(3)),
+                      FinetuneConfig(steps=3, lr=1e-3, batch_size=2, seqlen=32, val_windows=1),
+                      masks=masks, progress=False)
+    assert result.masks_kept
+    for name, layer in pruned_linears(model).items():
+        w = layer.weight.detach()
+        assert not w[~masks[name]].any(), name
+        assert not torch.equal(w, before[name]), name

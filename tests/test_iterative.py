@@ -3,7 +3,6 @@ resumes to the same result without rewriting finished steps, OWL keeps the globa
 
 from __future__ import annotations
 
-import argparse
 import json
 import subprocess
 
@@ -16,9 +15,7 @@ from sparsegpt_utils.finetune import FinetuneConfig
 from sparsegpt_utils.iterative import (
     IterativeConfig,
     _save_step,
-    add_cli_arguments,
     check_no_overlap,
-    config_from_args,
     cubic_schedule,
     run_iterative,
     training_text,
@@ -223,15 +220,7 @@ def test_owl_run_reaches_global_density(tmp_path):
     assert dens[1] == max(dens) and max(dens) - min(dens) > 0.05
 
 
-def test_cli_arguments_and_plot(tmp_path):
-    parser = add_cli_arguments(argparse.ArgumentParser())
-    args = parser.parse_args(["--densities", "0.5,0.25", "--train-steps", "3", "--num-epochs", "2",
-                              "--kd-weight", "0.5", "--squarehead-weight", "1", "--owl"])
-    config = config_from_args(args)
-    assert config.densities == [0.5, 0.25] and config.steps_per_level == 6 and config.prune.owl
-    assert config.finetune.kd_weight == 0.5 and config.finetune.squarehead_weight == 1.0
-    with pytest.raises(ValueError, match="--densities"):
-        config_from_args(parser.parse_args(["--densities", "half"]))
+def test_plot_history_writes_png_and_svg(tmp_path):
     history = pd.DataFrame({"step": [0, 1], "sparsity": [0.0, 0.5], "ppl_pruned": [10.0, 14.0],
                             "ppl_finetuned": [10.0, 12.0]})
     plot_history(history, tmp_path / "fig", one_shot=pd.DataFrame({"sparsity": [0.5], "ppl": [15.0]}))

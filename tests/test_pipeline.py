@@ -284,3 +284,28 @@ def test_admm_owl_reconstruct_compose(make):
     assert (res.blocks.reconstruct_error_after <= res.blocks.reconstruct_error_before).all()
     for name, layer in pruned_linears(model).items():
         assert not layer.weight[~res.masks[name]].any()
+
+
+def test_rows_that_keep_nothing_are_counted_and_warned_once():
+    """At a density where whole rows lose every weight, prune_model says so once per run (not
+    once per layer) and the layer table counts them per layer."""
+    import warnings
+
+    from sparsegpt_utils.solver import EmptyRowsWarning
+    from tests.conftest import tiny_opt
+
+    model = tiny_opt()
+    with torch.no_grad():  # rows 0..3 of every pruned layer are tiny: magnitude removes them first
+        for layer in pruned_linears(model).values():
+            layer.weight[:4] *= 1e-6
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        result = prune_model(model, None, PruneConfig(method="magnitude", density=0.5), progress=False)
+    empty = [w for w in seen if issubclass(w.category, EmptyRowsWarning)]
+    assert len(empty) == 1, [str(w.message) for w in empty]
+    layers = len(pruned_linears(model))
+    assert f"{layers} of {layers} pruned layers" in str(empty[0].message)
+    assert (result.layers["empty_rows"] >= 4).all()
+    for name, layer in pruned_linears(model).items():
+        row = result.layers.set_index("layer").loc[name]
+        assert row["empty_rows"] == int((~layer.weight.ne(0).any(1)).sum())

@@ -214,7 +214,7 @@ def test_available_sources_names_what_cannot_be_read(tmp_path, monkeypatch):
     text.write_text("hello")
     ok, missing = evaluate.available_sources(["stdlib", str(text), "ptb", "nonsense"])
     assert ok == ["stdlib", str(text)]
-    assert set(missing) == {"ptb", "nonsense"} and "unreachable" in missing["ptb"]
+    assert set(missing) == {"ptb", "nonsense"} and "hub is offline" in missing["ptb"]
     (tmp_path / "ptb").mkdir()
     (tmp_path / "ptb" / "ptb.test.txt").write_text("a b c")
     assert evaluate.available_sources(["ptb"]) == (["ptb"], {})
