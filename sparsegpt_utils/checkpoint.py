@@ -48,7 +48,16 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ._version import versions
-from .codec import CodecError, decode_layer, dtype_name, encode_layer, layer_grid, store_bits, tensor_info
+from .codec import (
+    CodecError,
+    decode_kept,
+    decode_layer,
+    dtype_name,
+    encode_layer,
+    layer_grid,
+    store_bits,
+    tensor_info,
+)
 from .models import assemble_weight, get_adapter, matrix_layout, pruned_linears, resolve_dtype, weight_key
 from .quant import QuantGrid
 
@@ -692,8 +701,9 @@ def _check_tensor(key: str, t: torch.Tensor | None, want: dict) -> None:
 
 
 def _check_counts(name: str, info: dict, weight: torch.Tensor) -> None:
-    """The manifest's kept / density against the decoded layer: the kept weights are the slots
-    (an N:M layer may add zero-valued slots), and every nonzero weight is kept."""
+    """The manifest's kept / density against the decoded layer (its weight, or its kept values):
+    the kept weights are the slots (an N:M layer may add zero-valued slots), and every nonzero
+    weight is kept."""
     rows, cols = info["shape"]
     nonzero = int(torch.count_nonzero(weight))
     kept, slots = info["kept"], info["slots"]
@@ -709,20 +719,41 @@ def _check_counts(name: str, info: dict, weight: torch.Tensor) -> None:
                               f"gives {kept / (rows * cols)}")
 
 
-def _read_layer(name: str, info: dict, pruned: dict[str, torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+def _read_layer(name: str, info: dict, pruned: dict[str, torch.Tensor], dtype: torch.dtype,
+                decode=decode_layer, pop: bool = False):
+    """``decode(info, tensors, dtype)`` of layer ``name`` (the dense weight by default), its
+    tensors checked against the manifest first and its counts after; ``pop``: take the layer's
+    tensors out of ``pruned`` (to free them once decoded)."""
     t = {}
     for k, want in info["tensors"].items():
         _check_tensor(f"{name}::{k}", pruned.get(f"{name}::{k}"), want)
-        t[k] = pruned[f"{name}::{k}"]
+        t[k] = pruned.pop(f"{name}::{k}") if pop else pruned[f"{name}::{k}"]
     try:
-        weight = decode_layer(info, t, dtype)
+        weight = decode(info, t, dtype)
     except CodecError as err:
         raise CheckpointError(f"layer {name}: {err}") from None
     except (KeyError, ValueError, IndexError, RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"layer {name} does not decode ({type(err).__name__}: {err}): "
                               f"manifest and data disagree") from None
-    _check_counts(name, info, weight)
+    _check_counts(name, info, weight if decode is decode_layer else weight[1])
     return weight
+
+
+def _read_files(directory: Path, manifest: dict, dense_too: bool = True):
+    """(the tensors of pruned.safetensors, those of dense.safetensors or {}), checked against
+    the manifest's list."""
+    pruned = _load_file(directory, PRUNED_FILE)
+    listed = {f"{n}::{k}" for n, i in manifest["layers"].items() for k in i["tensors"]}
+    extra = sorted(set(pruned) - listed)
+    dense = {}
+    if dense_too:
+        dense = _load_file(directory, DENSE_FILE)
+        for key, want in manifest["dense_tensors"].items():
+            _check_tensor(key, dense.get(key), want)
+        extra = sorted(set(dense) - set(manifest["dense_tensors"])) + extra
+    if extra:
+        raise CheckpointError(f"checkpoint tensors not in the manifest: {extra[:3]}")
+    return pruned, dense
 
 
 def _read_state(directory: Path, manifest: dict, progress: bool,
@@ -730,18 +761,7 @@ def _read_state(directory: Path, manifest: dict, progress: bool,
     """Every tensor of the saved model (tied aliases left out), in the storage dtype; only the
     pruned layers' weights when not ``dense_too``."""
     dtype = resolve_dtype(manifest["dtype"], "cpu")
-    pruned = _load_file(directory, PRUNED_FILE)
-    listed = {f"{n}::{k}" for n, i in manifest["layers"].items() for k in i["tensors"]}
-    extra = sorted(set(pruned) - listed)
-    state = {}
-    if dense_too:
-        dense = _load_file(directory, DENSE_FILE)
-        for key, want in manifest["dense_tensors"].items():
-            _check_tensor(key, dense.get(key), want)
-        extra = sorted(set(dense) - set(manifest["dense_tensors"])) + extra
-        state.update(dense)
-    if extra:
-        raise CheckpointError(f"checkpoint tensors not in the manifest: {extra[:3]}")
+    pruned, state = _read_files(directory, manifest, dense_too)
     parts: dict[str, list] = {}  # the matrices of Conv1D / fused parameters, by parameter
     for name, info in tqdm(manifest["layers"].items(), desc="load layers", disable=not progress):
         weight = _read_layer(name, info, pruned, dtype)
@@ -824,23 +844,75 @@ def _resolve_load_dtype(dtype, manifest: dict) -> torch.dtype:
     return target
 
 
-@torch.no_grad()
-def load_pruned(directory: str | Path, device: str | torch.device = "cpu",
-                dtype: torch.dtype | str | None = None, progress: bool = False):
-    """Rebuild the saved model -> (model, tokenizer or None). ``dtype`` None: the storage dtype
-    (exactly the saved weights); otherwise the weights are cast to it. The model is in eval
-    mode with ``use_cache`` off, as :func:`models.load_model` returns it."""
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+class _PeakRSS:
+    """The peak resident memory of this process over a ``with`` block, in MB (2**20 bytes), as an
+    increase over its RSS at the start. Linux: the kernel's high-water mark ``VmHWM`` is reset to
+    the current RSS at the start (``/proc/self/clear_refs`` ← 5; this also resets what
+    ``getrusage`` reports as ``ru_maxrss`` afterwards) and read at the end — the true peak.
+    Elsewhere, or where that file may not be written: the rise of ``ru_maxrss`` over the block,
+    a lower bound (0 when the block stayed under an earlier peak of the process)."""
 
-    directory = _resolve_dir(directory)
-    manifest = read_manifest(directory)
-    target = _resolve_load_dtype(dtype, manifest)
-    state = _read_state(directory, manifest, progress)
+    @staticmethod
+    def _status_kb(field: str) -> int | None:
+        try:
+            with open("/proc/self/status", encoding="ascii") as f:
+                for line in f:
+                    if line.startswith(field + ":"):
+                        return int(line.split()[1])
+        except (OSError, ValueError, IndexError):
+            pass
+        return None
+
+    @staticmethod
+    def _maxrss_kb() -> int:
+        import resource
+
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return peak // 1024 if sys.platform == "darwin" else peak  # bytes on macOS, kB on Linux
+
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        self.rss0 = self._status_kb("VmRSS")
+        self.method = "ru_maxrss rise (lower bound)"
+        try:
+            if self.rss0 is not None:
+                with open("/proc/self/clear_refs", "w", encoding="ascii") as f:
+                    f.write("5")
+                self.method = "VmHWM"
+        except OSError:
+            pass
+        self.maxrss0 = self._maxrss_kb()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        hwm = self._status_kb("VmHWM") if self.method == "VmHWM" else None
+        if hwm is None:
+            self.method = "ru_maxrss rise (lower bound)"
+            self.increase_kb = max(0, self._maxrss_kb() - self.maxrss0)
+        else:
+            self.increase_kb = max(0, hwm - self.rss0)
+        return False
+
+    def report(self) -> dict:
+        mb = lambda kb: None if kb is None else round(kb / 1024, 1)
+        return {"peak_rss_increase_mb": mb(self.increase_kb), "rss_before_mb": mb(self.rss0),
+                "peak_rss_method": self.method, "seconds": round(self.seconds, 3)}
+
+
+def _build_skeleton(directory: Path, target: torch.dtype) -> nn.Module:
+    """The model of the checkpoint's config with every parameter on the ``meta`` device."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
     config = _plain_config(AutoConfig.from_pretrained(directory))
     with init_empty_weights(include_buffers=False):  # no random init: every weight is loaded
-        model = AutoModelForCausalLM.from_config(config, dtype=target)
-    _check_architecture(model, manifest, state)
+        return AutoModelForCausalLM.from_config(config, dtype=target)
+
+
+def _assign_state(model: nn.Module, manifest: dict, state: dict[str, torch.Tensor],
+                  target: torch.dtype) -> None:
+    """Assign ``state`` (cast to ``target``) to the model's meta parameters; tie or copy aliases."""
     state = {k: (v.to(target) if v.is_floating_point() else v) for k, v in state.items()}
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
@@ -850,6 +922,9 @@ def load_pruned(directory: str | Path, device: str | torch.device = "cpu",
             module_path, attr = alias.rsplit(".", 1)
             setattr(model.get_submodule(module_path), attr,
                     nn.Parameter(state[source].clone(), requires_grad=False))
+
+
+def _finish(model: nn.Module, directory: Path):
     leftover = [n for n, p in model.named_parameters() if p.device.type == "meta"]
     if leftover:
         raise CheckpointError(f"checkpoint left model tensors unset: {leftover[:3]}")
@@ -857,8 +932,99 @@ def load_pruned(directory: str | Path, device: str | torch.device = "cpu",
     model.eval()
     tokenizer = None
     if (directory / "tokenizer_config.json").is_file() or (directory / "tokenizer.json").is_file():
+        from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(directory)
+    return model, tokenizer
+
+
+@torch.no_grad()
+def load_pruned(directory: str | Path, device: str | torch.device = "cpu",
+                dtype: torch.dtype | str | None = None, progress: bool = False, *,
+                sparse: bool = False, kernel: str = "auto", max_density: float = 1.0,
+                measure: bool = True, half_dense: bool = False):
+    """Rebuild the saved model -> (model, tokenizer or None). ``dtype`` None: the storage dtype
+    (exactly the saved weights); otherwise the weights are cast to it. The model is in eval
+    mode with ``use_cache`` off, as :func:`models.load_model` returns it.
+
+    ``sparse``: build the pruned layers as CPU sparse layers straight from their stored form,
+    never holding a pruned layer's dense weight: the model is built on the ``meta`` device, the
+    dense tensors are loaded (as float32: ``dtype`` must be None or float32, ``device`` CPU), and
+    each pruned layer becomes, one at a time, what :func:`sparse_inference.layer_from_kept` makes
+    of its stored mask and kept values (``kernel``, ``max_density`` as in
+    :func:`sparse_inference.sparsify_for_inference`): a :class:`~sparse_inference.BitmaskLinear`
+    of the stored fp16 values, or a CSR layer where they are not exactly fp16 (float32 / bfloat16
+    storage); a layer denser than ``max_density``, or unpruned, becomes a dense ``nn.Linear``.
+    Quantized layers (codes + scales) are dequantized at their kept positions only
+    (:func:`codec.decode_kept`, the same numbers as the dense load), which with fp16 storage gives
+    fp16 kept values. Then :func:`sparse_inference.keep_faster` applies the measured choice of
+    ``sparsify_for_inference``: with ``measure``, a layer whose one-token product times slower
+    than dense becomes dense (its dense equivalent is built to time it); ``half_dense`` stores
+    the dense layers and ``lm_head`` in fp16. The outputs equal those of the dense load followed
+    by ``sparsify_for_inference`` with the same arguments. GPT-2 style Conv1D and fused matrices
+    are refused (ValueError), as in sparse inference.
+
+    The returned model carries ``sparse_load_report``: ``peak_rss_increase_mb`` (the peak resident
+    memory of the process during the load above its RSS when the load began, MB = 2**20 bytes;
+    see ``peak_rss_method``), ``rss_before_mb``, ``seconds`` and ``formats`` (layer count per
+    format). On Linux measuring resets the process's RSS high-water mark (``VmHWM``, and so
+    ``ru_maxrss``) to its RSS at the start of the load.
+    """
+    directory = _resolve_dir(directory)
+    if sparse:
+        return _load_sparse(directory, device, dtype, progress, kernel=kernel, max_density=max_density,
+                            measure=measure, half_dense=half_dense)
+    manifest = read_manifest(directory)
+    target = _resolve_load_dtype(dtype, manifest)
+    state = _read_state(directory, manifest, progress)
+    model = _build_skeleton(directory, target)
+    _check_architecture(model, manifest, state)
+    _assign_state(model, manifest, state, target)
+    model, tokenizer = _finish(model, directory)
     return model.to(device), tokenizer
+
+
+def _load_sparse(directory: Path, device, dtype, progress: bool, **choice):
+    from . import sparse_inference
+
+    if torch.device(device).type != "cpu":
+        raise ValueError(f"sparse=True builds CPU layers; device must be cpu, got {device!r}")
+    if dtype is not None and _resolve_load_dtype(dtype, {"dtype": "float32"}) != torch.float32:
+        raise ValueError(f"sparse=True computes in float32; dtype must be None or float32, got {dtype!r}")
+    with _PeakRSS() as peak:
+        manifest = read_manifest(directory)
+        fused = [n for n, i in manifest["layers"].items() if "layout" in i]
+        if fused:
+            raise ValueError(f"sparse=True builds nn.Linear layers; {len(fused)} pruned matrices of this "
+                             f"checkpoint are Conv1D or parts of fused parameters (e.g. {fused[0]}): "
+                             f"load with sparse=False")
+        store = resolve_dtype(manifest["dtype"], "cpu")
+        pruned, dense = _read_files(directory, manifest)
+        model = _build_skeleton(directory, torch.float32)
+        shapes = {f"{n}.weight": torch.empty(i["shape"], device="meta")
+                  for n, i in manifest["layers"].items()}
+        _check_architecture(model, manifest, {**dense, **shapes})
+        del shapes
+        _assign_state(model, manifest, dense, torch.float32)
+        del dense
+        for name, info in tqdm(manifest["layers"].items(), desc="load layers", disable=not progress):
+            mask, values = _read_layer(name, info, pruned, store, decode=decode_kept, pop=True)
+            path, attr = name.rsplit(".", 1)
+            parent = model.get_submodule(path)
+            old = getattr(parent, attr)
+            bias = getattr(old, "bias", None)
+            setattr(parent, attr, sparse_inference.layer_from_kept(
+                mask, values, bias, kernel=choice["kernel"], max_density=choice["max_density"]))
+            del mask, values, old, bias
+        del pruned
+        model, tokenizer = _finish(model, directory)
+        sparse_inference.keep_faster(model, max_density=choice["max_density"], measure=choice["measure"],
+                                     half_dense=choice["half_dense"])
+    report = peak.report()
+    counts = sparse_inference.inference_formats(model)["format"].value_counts()
+    report["formats"] = {str(k): int(v) for k, v in counts.items()}
+    model.sparse_load_report = report
+    return model, tokenizer
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,7 +18,6 @@ bf16, sparse tensor cores); layers that cannot be converted stay as they are.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import statistics
 import time
@@ -41,6 +40,8 @@ __all__ = [
     "densify",
     "inference_formats",
     "is_nm_sparse",
+    "keep_faster",
+    "layer_from_kept",
 ]
 
 
@@ -74,6 +75,25 @@ class SparseLinear(nn.Module):
                 size=w.shape, dtype=w.dtype, device=w.device, check_invariants=False)
         bias = None if linear.bias is None else linear.bias.detach().clone()
         return cls(csr, bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_mask_values(cls, mask: torch.Tensor, values: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> SparseLinear:
+        """From a bool mask [out, in] (CPU) and the kept values in row-major order, as float32:
+        no dense weight needed."""
+        rows, cols = mask.shape
+        counts = mask.sum(1, dtype=torch.int64)
+        if int(counts.sum()) != values.numel():
+            raise ValueError(f"mask keeps {int(counts.sum())} weights but {values.numel()} values were given")
+        crow = torch.zeros(rows + 1, dtype=torch.int32)
+        crow[1:] = counts.cumsum(0)
+        col = torch.arange(cols, dtype=torch.int32).expand(rows, cols)[mask]  # row-major
+        with warnings.catch_warnings():  # "sparse CSR support is in beta"
+            warnings.simplefilter("ignore", UserWarning)
+            csr = torch.sparse_csr_tensor(crow, col, values.detach().reshape(-1).float(), size=(rows, cols),
+                                          dtype=torch.float32, check_invariants=False)
+        return cls(csr, None if bias is None else bias.detach().float().clone())
 
     @torch.no_grad()
     def to_linear(self) -> nn.Linear:
@@ -319,6 +339,44 @@ def decode_seconds(layers: Sequence[nn.Module], in_features: int, repeats: int =
     return [min(t) for t in times]
 
 
+def _is_candidate(kept: int, numel: int, max_density: float) -> bool:
+    """The density rule: a layer may go sparse when it keeps at most ``max_density`` of its
+    weights (within one weight: a pruned layer's kept count is a rounded fraction) and not all."""
+    return not (kept > max_density * numel + 1 or kept == numel)
+
+
+class _Timings:
+    """The measured choice between a sparse layer and its dense equivalent: one-token products
+    of both timed from a cold cache (:func:`decode_seconds`), once per (format, shape, density
+    to 2 places); the sparse one is kept where it was faster. ``measure`` False: always sparse."""
+
+    def __init__(self, measure: bool):
+        self.flush = torch.zeros(48 * 2**20 // 4) if measure else None  # 48 MB: more than the L3 cache
+        self.verdict: dict[tuple, bool] = {}
+
+    def sparse_is_faster(self, fmt: str, dense, sparse: nn.Module, kept: int) -> bool:
+        """``dense``: the dense layer, or a function that builds it (called only to time it)."""
+        if self.flush is None:
+            return True
+        shape = (sparse.out_features, sparse.in_features)
+        key = (fmt, shape, round(kept / (shape[0] * shape[1]), 2))
+        if key not in self.verdict:
+            layer = dense() if callable(dense) and not isinstance(dense, nn.Module) else dense
+            dense_s, sparse_s = decode_seconds([layer, sparse], sparse.in_features, flush=self.flush)
+            self.verdict[key] = sparse_s < dense_s
+        return self.verdict[key]
+
+
+def _check_choice_args(kernel: str, max_density) -> None:
+    if isinstance(max_density, bool) or not isinstance(max_density, (int, float)) \
+            or not 0 <= max_density <= 1:
+        raise ValueError(f"max_density must be a number in [0, 1] (kept fraction), got {max_density!r}")
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    if kernel == "bitmask" and not kernels.available():
+        raise ValueError(f"kernel='bitmask' needs the compiled CPU kernels: {kernels.build_error()}")
+
+
 def _make_sparse(layer: nn.Linear, kernel: str) -> nn.Module:
     if kernel == "bitmask":
         return BitmaskLinear.from_linear(layer)
@@ -347,18 +405,12 @@ def sparsify_for_inference(
         ("auto": when the model is on CUDA; True: required, an error without CUDA; False: never).
     Embeddings and norms stay as they are. ``inference_formats(model)`` lists what each layer became.
     """
-    if isinstance(max_density, bool) or not isinstance(max_density, (int, float)) \
-            or not 0 <= max_density <= 1:
-        raise ValueError(f"max_density must be a number in [0, 1] (kept fraction), got {max_density!r}")
-    if kernel not in KERNELS:
-        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    _check_choice_args(kernel, max_density)
     if semi_structured not in (True, False, "auto"):
         raise ValueError(f"semi_structured must be True, False or 'auto', got {semi_structured!r}")
     on_cuda = any(p.is_cuda for p in model.parameters())
     if semi_structured is True and not (on_cuda and hasattr(torch.sparse, "to_sparse_semi_structured")):
         raise ValueError("semi_structured=True needs the model on a CUDA device (2:4 sparse tensor cores)")
-    if kernel == "bitmask" and not kernels.available():
-        raise ValueError(f"kernel='bitmask' needs the compiled CPU kernels: {kernels.build_error()}")
     use_semi = semi_structured is True or (semi_structured == "auto" and on_cuda)
     conv1d = [n for n, m in pruned_linears(model).items() if isinstance(m, MatrixView) and m.transposed]
     if conv1d:
@@ -372,8 +424,7 @@ def sparsify_for_inference(
             raise ValueError(f"{name}: sparse layers on CPU compute in float32; the model is {w.dtype}: "
                              "convert it with .float() first")
 
-    flush = torch.zeros(48 * 2**20 // 4) if measure else None  # 48 MB: more than the L3 cache
-    verdict: dict[tuple, bool] = {}
+    timings = _Timings(measure)
     for parent, attr, name, layer in layers:
         if not isinstance(layer, nn.Linear) or _is_semi_structured(layer.weight):
             continue
@@ -389,21 +440,75 @@ def sparsify_for_inference(
         if w.is_cuda:
             continue
         kept = torch.count_nonzero(w).item()
-        # within one weight of max_density: a pruned layer's kept count is a rounded fraction
-        if kept > max_density * w.numel() + 1 or kept == w.numel():
+        if not _is_candidate(kept, w.numel(), max_density):
             continue
         chosen = kernel
         if kernel == "auto":
             chosen = "bitmask" if kernels.available() and _fp16_exact(w) else "csr"
         sparse = _make_sparse(layer, chosen)
-        if measure:
-            key = (chosen, tuple(w.shape), round(kept / w.numel(), 2))
-            if key not in verdict:
-                dense_s, sparse_s = decode_seconds([layer, sparse], layer.in_features, flush=flush)
-                verdict[key] = sparse_s < dense_s
-            if not verdict[key]:
-                continue
-        setattr(parent, attr, sparse)
+        if timings.sparse_is_faster(chosen, layer, sparse, kept):
+            setattr(parent, attr, sparse)
+    if half_dense and kernels.available():
+        _halve_dense_layers(model)
+    return model
+
+
+@torch.no_grad()
+def layer_from_kept(mask: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None,
+                    kernel: str = "auto", max_density: float = 1.0) -> nn.Module:
+    """The inference layer for a pruned weight given as its bool mask [out, in] and kept values
+    (row-major), by the rule of :func:`sparsify_for_inference` without the timing: a
+    :class:`BitmaskLinear` (``kernel`` "bitmask", or "auto" where the compiled kernels exist and
+    the values are exactly fp16) or a :class:`SparseLinear` ("csr", or "auto" otherwise), built
+    with no dense weight; a dense float32 ``nn.Linear`` where the layer keeps more than
+    ``max_density`` of its weights, or all of them. Zero values are dropped from the mask, as
+    :func:`sparsify_for_inference` keeps the nonzero weights. Time the result against dense with
+    :func:`keep_faster`."""
+    _check_choice_args(kernel, max_density)
+    rows, cols = mask.shape
+    if values.numel() != int(mask.sum()):
+        raise ValueError(f"mask keeps {int(mask.sum())} weights but {values.numel()} values were given")
+    nonzero = values != 0
+    if not bool(nonzero.all()):
+        mask = mask.clone()
+        mask[mask.clone()] = nonzero
+        values = values[nonzero]
+    if not _is_candidate(values.numel(), rows * cols, max_density):
+        layer = nn.Linear(cols, rows, bias=bias is not None, device="meta")
+        w = torch.zeros(rows, cols)
+        w[mask] = values.float()
+        layer.weight = nn.Parameter(w)
+        if bias is not None:
+            layer.bias = nn.Parameter(bias.detach().float().clone())
+        return layer
+    if kernel == "auto":
+        kernel = "bitmask" if kernels.available() and _fp16_exact(values) else "csr"
+    if kernel == "bitmask":
+        return BitmaskLinear.from_mask_values(mask, values, bias)
+    return SparseLinear.from_mask_values(mask, values, bias)
+
+
+@torch.no_grad()
+def keep_faster(model: nn.Module, max_density: float = 1.0, measure: bool = True,
+                half_dense: bool = False) -> nn.Module:
+    """The choice of :func:`sparsify_for_inference` for a model whose pruned layers are sparse
+    already (:class:`BitmaskLinear` / :class:`SparseLinear`, e.g. from
+    ``checkpoint.load_pruned(..., sparse=True)``): a layer keeping more than ``max_density`` (or
+    all) of its weights, and with ``measure`` one whose one-token product times slower than its
+    dense equivalent's (built for the timing only, once per format, shape and density), becomes a
+    dense ``nn.Linear`` again; ``half_dense`` then stores the dense layers and ``lm_head`` in fp16
+    where exact (:class:`HalfLinear`). In place; returns the model."""
+    _check_choice_args("auto", max_density)
+    timings = _Timings(measure)
+    for parent, attr, _name, layer in list(_decoder_linears(model)):
+        if not isinstance(layer, (BitmaskLinear, SparseLinear)):
+            continue
+        fmt = "bitmask" if isinstance(layer, BitmaskLinear) else "csr"
+        numel = layer.in_features * layer.out_features
+        kept = round(layer.density * numel)
+        if not (_is_candidate(kept, numel, max_density)
+                and timings.sparse_is_faster(fmt, layer.to_linear, layer, kept)):
+            setattr(parent, attr, layer.to_linear())
     if half_dense and kernels.available():
         _halve_dense_layers(model)
     return model
@@ -538,11 +643,13 @@ def cli_main(args) -> int:
         if args.threads < 1:
             raise ValueError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
-    sparse, tok = load_pruned(args.checkpoint, dtype=torch.float32)
+    # the pruned layers are built sparse from their stored form: no dense copy of them is made
+    sparse, tok = load_pruned(args.checkpoint, sparse=True, kernel=args.kernel, half_dense=args.half_dense)
     if tok is None:
         raise ValueError(f"--checkpoint {args.checkpoint}: the checkpoint has no tokenizer for the prompt")
-    dense = copy.deepcopy(sparse) if args.compare_dense else None
-    sparsify_for_inference(sparse, kernel=args.kernel, half_dense=args.half_dense)
+    load_report = sparse.sparse_load_report
+    # the dense model to compare with comes from the ordinary (dense) load
+    dense = load_pruned(args.checkpoint, dtype=torch.float32)[0] if args.compare_dense else None
     formats = inference_formats(sparse)["format"].value_counts().to_dict()
     ids = tok(args.prompt, return_tensors="pt").input_ids
     if dense is not None:
@@ -558,6 +665,8 @@ def cli_main(args) -> int:
                   "prompt_tokens": ids.shape[1], "new_tokens": len(new)}
     result.update(text=tok.decode(new, skip_special_tokens=True), formats=formats,
                   threads=torch.get_num_threads(), checkpoint=str(args.checkpoint),
+                  load_peak_rss_increase_mb=load_report["peak_rss_increase_mb"],
+                  load_seconds=load_report["seconds"],
                   peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1))
     if args.json:
         write_json_atomic(args.json, result)
