@@ -15,12 +15,12 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
 from pathlib import Path
 
 import torch
 
 from .paths import cache_dir
+from .results import write_atomic
 
 __all__ = ["load", "available", "build_error", "compile_library", "bind", "gemv", "decompress", "half_gemv",
            "threads"]
@@ -48,23 +48,17 @@ def compile_library(target: Path, native: bool = True) -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".so")
-    os.close(fd)
-    try:
-        flags = ["-O3", "-fPIC", "-shared"] + (["-march=native"] if native else [])
+    flags = ["-O3", "-fPIC", "-shared"] + (["-march=native"] if native else [])
+
+    def build(tmp: str) -> None:
         for extra in (["-fopenmp"], []):  # OpenMP where the compiler has it
             proc = subprocess.run([cc, *flags, *extra, str(SOURCE), "-o", tmp], capture_output=True,
                                   text=True, timeout=120)
             if proc.returncode == 0:
-                break
-        else:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
-        os.chmod(tmp, 0o755)
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+                return
+        raise RuntimeError(f"{cc} failed: {proc.stderr.strip().splitlines()[-1] if proc.stderr else ''}")
+
+    write_atomic(target, build)
     return target
 
 

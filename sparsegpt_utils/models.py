@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import importlib.util
 import inspect
-import os
-import shutil
-import tempfile
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -33,6 +30,7 @@ import torch
 from torch import nn
 
 from .paths import cache_dir
+from .results import replace_dir_atomic
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -432,18 +430,12 @@ def _builtin_folder(name: str) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{name}-"))
-    try:
+    def fill(tmp: Path) -> None:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.chmod(tmp, 0o755)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+
+    # a half-converted folder (no weights: the check above failed) is replaced
+    return replace_dir_atomic(target, fill, overwrite=True)
 
 
 def load_model(

@@ -13,8 +13,6 @@ in every setting (the same run recorded twice) are shown once, the later record 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -23,7 +21,7 @@ import numpy as np
 import pandas as pd
 
 from .paths import project_root
-from .results import RUN_SETTING_KEYS
+from .results import RUN_SETTING_KEYS, write_atomic
 from .sweep import add_family
 
 __all__ = [
@@ -539,17 +537,10 @@ def save_figure(fig: plt.Figure, stem: str | Path, formats: Sequence[str] = ("pn
         if fmt not in ("png", "svg", "pdf"):
             raise ValueError(f"figure format must be one of png, svg, pdf, got {fmt!r}")
         path = stem.with_name(f"{stem.name}.{fmt}")
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            # no timestamps in the file, so an unchanged figure gives an unchanged file
-            meta = {"Software": None} if fmt == "png" else {"Date": None} if fmt == "svg" else {}
-            fig.savefig(tmp, format=fmt, dpi=dpi, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        paths.append(path)
+        # no timestamps in the file, so an unchanged figure gives an unchanged file
+        meta = {"Software": None} if fmt == "png" else {"Date": None} if fmt == "svg" else {}
+        paths.append(write_atomic(path, lambda tmp, fmt=fmt, meta=meta: fig.savefig(
+            tmp, format=fmt, dpi=dpi, metadata=meta)))
     return paths
 
 
