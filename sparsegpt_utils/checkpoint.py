@@ -720,22 +720,23 @@ def _check_counts(name: str, info: dict, weight: torch.Tensor) -> None:
 
 
 def _read_layer(name: str, info: dict, pruned: dict[str, torch.Tensor], dtype: torch.dtype,
-                decode=decode_layer, pop: bool = False):
-    """``decode(info, tensors, dtype)`` of layer ``name`` (the dense weight by default), its
+                decode=None, pop: bool = False):
+    """``decode(info, tensors, dtype)`` of layer ``name`` (None: the dense weight), its
     tensors checked against the manifest first and its counts after; ``pop``: take the layer's
     tensors out of ``pruned`` (to free them once decoded)."""
     t = {}
     for k, want in info["tensors"].items():
         _check_tensor(f"{name}::{k}", pruned.get(f"{name}::{k}"), want)
         t[k] = pruned.pop(f"{name}::{k}") if pop else pruned[f"{name}::{k}"]
+    dense = decode is None
     try:
-        weight = decode(info, t, dtype)
+        weight = decode_layer(info, t, dtype) if dense else decode(info, t, dtype)
     except CodecError as err:
         raise CheckpointError(f"layer {name}: {err}") from None
     except (KeyError, ValueError, IndexError, RuntimeError, TypeError, AttributeError) as err:
         raise CheckpointError(f"layer {name} does not decode ({type(err).__name__}: {err}): "
                               f"manifest and data disagree") from None
-    _check_counts(name, info, weight if decode is decode_layer else weight[1])
+    _check_counts(name, info, weight if dense else weight[1])
     return weight
 
 
@@ -948,21 +949,22 @@ def load_pruned(directory: str | Path, device: str | torch.device = "cpu",
     mode with ``use_cache`` off, as :func:`models.load_model` returns it.
 
     ``sparse``: build the pruned layers as CPU sparse layers straight from their stored form,
-    never holding a pruned layer's dense weight: the model is built on the ``meta`` device, the
-    dense tensors are loaded (as float32: ``dtype`` must be None or float32, ``device`` CPU), and
-    each pruned layer becomes, one at a time, what :func:`sparse_inference.layer_from_kept` makes
-    of its stored mask and kept values (``kernel``, ``max_density`` as in
-    :func:`sparse_inference.sparsify_for_inference`): a :class:`~sparse_inference.BitmaskLinear`
-    of the stored fp16 values, or a CSR layer where they are not exactly fp16 (float32 / bfloat16
-    storage); a layer denser than ``max_density``, or unpruned, becomes a dense ``nn.Linear``.
-    Quantized layers (codes + scales) are dequantized at their kept positions only
-    (:func:`codec.decode_kept`, the same numbers as the dense load), which with fp16 storage gives
-    fp16 kept values. Then :func:`sparse_inference.keep_faster` applies the measured choice of
-    ``sparsify_for_inference``: with ``measure``, a layer whose one-token product times slower
-    than dense becomes dense (its dense equivalent is built to time it); ``half_dense`` stores
-    the dense layers and ``lm_head`` in fp16. The outputs equal those of the dense load followed
-    by ``sparsify_for_inference`` with the same arguments. GPT-2 style Conv1D and fused matrices
-    are refused (ValueError), as in sparse inference.
+    never holding a pruned layer's dense weight: the model is built on the ``meta`` device
+    (accelerate's ``init_empty_weights``: each parameter is created uninitialised and moved to
+    ``meta`` at once, its memory never written), the dense tensors are loaded (as float32:
+    ``dtype`` must be None or float32, ``device`` CPU), and each pruned layer becomes, one at a
+    time, what :func:`sparse_inference.layer_from_kept` makes of its stored mask and kept values
+    (``kernel``, ``max_density`` as in :func:`sparse_inference.sparsify_for_inference`): a
+    :class:`~sparse_inference.BitmaskLinear` of the stored fp16 values, or a CSR layer where they
+    are not exactly fp16 (float32 / bfloat16 storage); a layer denser than ``max_density``, or
+    unpruned, becomes a dense ``nn.Linear``. Quantized layers (codes + scales) are dequantized
+    at their kept positions only (:func:`codec.decode_kept`: the numbers of the dense load), which
+    with fp16 storage gives fp16 kept values. Then :func:`sparse_inference.keep_faster` applies
+    the measured choice of ``sparsify_for_inference``: with ``measure``, a layer whose one-token
+    product times slower than dense becomes dense (its dense equivalent is built to time it);
+    ``half_dense`` stores the dense layers and ``lm_head`` in fp16. The outputs equal those of
+    the dense load followed by ``sparsify_for_inference`` with the same arguments. GPT-2 style
+    Conv1D and fused matrices are refused (ValueError), as in sparse inference.
 
     The returned model carries ``sparse_load_report``: ``peak_rss_increase_mb`` (the peak resident
     memory of the process during the load above its RSS when the load began, MB = 2**20 bytes;

@@ -244,3 +244,250 @@ def test_semi_structured_2_4_on_cuda():
     densify(model)
     for a, b in zip(pruned_linears(model).values(), pruned_linears(dense).values(), strict=True):
         assert torch.equal(a.weight, b.weight)
+
+
+# --- load_pruned(sparse=True): sparse layers straight from the compact checkpoint ---------------
+
+def _tiny_llama_odd_vocab():
+    """A tiny Llama whose embedding [100, 64] has no pruned layer's shape, so that any float
+    tensor shaped like a pruned weight seen during a load is one (the same for OPT below)."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                      tie_word_embeddings=True)
+    return LlamaForCausalLM(cfg).eval()
+
+
+def _tiny_opt_odd_vocab():
+    from transformers import OPTConfig, OPTForCausalLM
+
+    torch.manual_seed(0)
+    cfg = OPTConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, ffn_dim=128, num_attention_heads=4,
+                    max_position_embeddings=256, word_embed_proj_dim=64, pad_token_id=1, bos_token_id=2,
+                    eos_token_id=2)
+    return OPTForCausalLM(cfg).eval()
+
+
+SETTINGS = ["d0.5", "2:4", "d0.5+4bit", "d0.5+3/4bit"]  # the last: widths 3 / 4 by row, grids of 16
+
+
+def _saved(tmp_path, make, setting, **save):
+    from sparsegpt_utils.checkpoint import save_pruned
+    from tests.test_save_utils import prune
+
+    model = make()
+    masks, grids = prune(model, setting)
+    folder = tmp_path / "ck"
+    save_pruned(model, folder, masks=masks, grids=grids, progress=False, **save)
+    return folder
+
+
+class _DenseWeightSpy:
+    """Records every torch op (outside the model skeleton's construction, which makes only
+    ``meta`` parameters) whose output is a float tensor, not on ``meta``, shaped like a pruned
+    layer's weight: a dense weight of a pruned layer being built."""
+
+    def __init__(self, shapes):
+        from torch.utils._python_dispatch import TorchDispatchMode
+
+        spy = self
+
+        class Mode(TorchDispatchMode):
+            def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+                out = func(*args, **(kwargs or {}))
+                if not spy.paused:
+                    for t in out if isinstance(out, (tuple, list)) else (out,):
+                        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.device.type != "meta" \
+                                and tuple(t.shape) in shapes:
+                            spy.hits.append((str(func), tuple(t.shape)))
+                return out
+
+        self.mode, self.paused, self.hits = Mode(), False, []
+
+
+@needs_kernels
+@pytest.mark.parametrize("setting", SETTINGS)
+@pytest.mark.parametrize("make", [_tiny_llama_odd_vocab, _tiny_opt_odd_vocab], ids=["llama", "opt"])
+def test_sparse_load_matches_the_dense_load_without_a_dense_weight(tmp_path, monkeypatch, make, setting):
+    from sparsegpt_utils import checkpoint
+
+    folder = _saved(tmp_path, make, setting)
+    dense, _ = checkpoint.load_pruned(folder, dtype=torch.float32)
+    shapes = {tuple(m.weight.shape) for m in pruned_linears(dense).values()}
+    assert (100, 64) not in shapes  # the embedding's shape
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a dense weight of a pruned layer was built")
+
+    for cls in (BitmaskLinear, SparseLinear):
+        monkeypatch.setattr(cls, "to_linear", refuse)
+    monkeypatch.setattr(BitmaskLinear, "dense_weight", refuse)
+    monkeypatch.setattr(checkpoint, "decode_layer", refuse)
+    monkeypatch.setattr(checkpoint, "_read_state", refuse)
+    spy = _DenseWeightSpy(shapes)
+    build = checkpoint._build_skeleton
+
+    def build_paused(*args, **kwargs):  # meta parameters only (created empty, moved at once)
+        spy.paused = True
+        try:
+            return build(*args, **kwargs)
+        finally:
+            spy.paused = False
+
+    monkeypatch.setattr(checkpoint, "_build_skeleton", build_paused)
+    with spy.mode:
+        model, _ = checkpoint.load_pruned(folder, sparse=True, kernel="bitmask", measure=False)
+    assert not spy.hits, spy.hits[:5]
+    monkeypatch.undo()
+
+    formats = inference_formats(model)
+    assert set(formats["layer"]) == set(pruned_linears(dense)) and (formats["format"] == "bitmask").all()
+    assert not any(p.device.type == "meta" for p in model.parameters())
+    # exactly the layers sparsify_for_inference makes of the dense load
+    ref = sparsify_for_inference(copy.deepcopy(dense), kernel="bitmask", measure=False)
+    for name in formats["layer"]:
+        a, b = model.get_submodule(name), ref.get_submodule(name)
+        assert isinstance(a, BitmaskLinear) and isinstance(b, BitmaskLinear), name
+        for key in ("masks", "values", "offsets", "bias"):
+            x, y = getattr(a, key), getattr(b, key)
+            assert (x is None and y is None) or torch.equal(x, y), (name, key)
+    ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-3, atol=1e-3)
+    prompt = ids[:1, :6]
+    greedy = lambda m: [t for t, _ in sparse_inference.greedy_decode(m, prompt, 8)]
+    assert greedy(model) == greedy(dense)
+
+
+def test_sparse_load_of_float32_storage_uses_csr(tmp_path):
+    """Values that fp16 cannot hold exactly become CSR layers (float32), with the same outputs."""
+    from sparsegpt_utils.checkpoint import load_pruned
+
+    folder = _saved(tmp_path, tiny_llama, "d0.5", dtype="float32")
+    dense, _ = load_pruned(folder)
+    model, _ = load_pruned(folder, sparse=True, measure=False)
+    assert set(inference_formats(model)["format"]) == {"csr"}
+    ids = torch.randint(0, 128, (1, 12), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(model(input_ids=ids).logits, dense(input_ids=ids).logits, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="fp16"):
+        load_pruned(folder, sparse=True, kernel="bitmask", measure=False) if kernels.available() \
+            else BitmaskLinear.from_mask_values(torch.ones(1, 2, dtype=torch.bool), torch.tensor([0.1, 0.2]))
+
+
+def test_sparse_load_keeps_sparsify_for_inference_choice(tmp_path, monkeypatch):
+    """max_density and the measured choice decide as sparsify_for_inference does on the dense load."""
+    from sparsegpt_utils.checkpoint import load_pruned
+
+    def fake_seconds(layers, in_features, repeats=9, flush=None):
+        sparse = 0.5 if in_features == 64 else 2.0
+        return [1.0 if isinstance(layer, nn.Linear) else sparse for layer in layers]
+
+    monkeypatch.setattr(sparse_inference, "decode_seconds", fake_seconds)
+    folder = _saved(tmp_path, tiny_llama, "d0.5")
+    for kw in (dict(kernel="csr"), dict(kernel="csr", max_density=0.3), dict(kernel="auto", half_dense=True)):
+        model, _ = load_pruned(folder, sparse=True, **kw)
+        ref = sparsify_for_inference(load_pruned(folder, dtype=torch.float32)[0], **kw)
+        assert inference_formats(model).equals(inference_formats(ref)), kw
+        assert type(model.lm_head) is type(ref.lm_head)
+        counts = inference_formats(ref)["format"].value_counts().to_dict()
+        assert model.sparse_load_report["formats"] == counts
+    last = {"bitmask", "fp16"} if kernels.available() else {"csr", "dense"}
+    assert set(inference_formats(model)["format"]) == last
+
+
+def test_sparse_load_reports_its_peak_memory(tmp_path, monkeypatch):
+    """The report holds the peak RSS increase of the load in MB: 64 MB touched during the load show."""
+    from sparsegpt_utils.checkpoint import load_pruned
+
+    folder = _saved(tmp_path, tiny_llama, "d0.5")
+    model, _ = load_pruned(folder, sparse=True, measure=False)
+    report = model.sparse_load_report
+    assert {"peak_rss_increase_mb", "rss_before_mb", "peak_rss_method", "seconds", "formats"} <= report.keys()
+    assert report["peak_rss_increase_mb"] >= 0 and report["seconds"] > 0
+    assert sum(report["formats"].values()) == 14  # 7 matrices in each of 2 blocks
+
+    keep_faster = sparse_inference.keep_faster
+
+    def with_64mb(model, **kw):
+        block = torch.ones(64 * 2**20 // 4)  # written: resident
+        out = keep_faster(model, **kw)
+        del block
+        return out
+
+    monkeypatch.setattr(sparse_inference, "keep_faster", with_64mb)
+    model, _ = load_pruned(folder, sparse=True, measure=False)
+    report = model.sparse_load_report
+    if report["peak_rss_method"] == "VmHWM":  # the true peak (Linux)
+        assert 60 <= report["peak_rss_increase_mb"] < 200, report
+    else:  # a lower bound
+        assert report["peak_rss_increase_mb"] >= 0
+
+
+def test_sparse_load_refuses_what_it_cannot_build(tmp_path):
+    from sparsegpt_utils.checkpoint import load_pruned
+
+    folder = _saved(tmp_path, tiny_llama, "d0.5")
+    with pytest.raises(ValueError, match="float32"):
+        load_pruned(folder, sparse=True, dtype=torch.float16)
+    with pytest.raises(ValueError, match="cpu"):
+        load_pruned(folder, sparse=True, device="cuda")
+    with pytest.raises(ValueError, match="kernel must be one of"):
+        load_pruned(folder, sparse=True, kernel="magic")
+
+
+def test_decode_kept_gives_the_decoded_layer_at_its_slots():
+    from sparsegpt_utils.codec import decode_kept, decode_layer, encode_layer
+    from sparsegpt_utils.quant import QuantSpec, rtn_quantize
+    from sparsegpt_utils.solver import magnitude_mask
+
+    torch.manual_seed(0)
+    cases = [("d0.5", None), ("2:4", None), ("d0.1", None), ("4bit", QuantSpec(4)),
+             ("3/4bit", QuantSpec(torch.tensor([3, 4])[torch.arange(24) % 2], groupsize=16))]
+    forms = set()
+    for setting, spec in cases:
+        w = torch.randn(24, 64)
+        mask = magnitude_mask(w, 0.1 if setting == "d0.1" else 0.5, (2, 4) if setting == "2:4" else None)
+        w, grid = (w * mask, None) if spec is None else rtn_quantize(w * mask, spec)
+        tensors, info = encode_layer(w * mask, mask.numpy(), grid, torch.float16, setting)
+        forms.add((info["mask"], info["values"]))
+        weight = decode_layer(info, tensors, torch.float16)
+        slots, values = decode_kept(info, tensors, torch.float16)
+        assert slots.dtype == torch.bool and slots.shape == weight.shape and values.dtype == torch.float16
+        assert torch.equal(weight[slots].view(torch.int16), values.view(torch.int16)), setting
+        assert not weight[~slots].any(), setting
+    assert {"bitmask", "nm", "rice"} <= {m for m, _ in forms} and ("bitmask", "codes") in forms
+
+
+@needs_kernels
+def test_generate_builds_the_sparse_model_from_the_checkpoint(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    import json
+
+    from transformers import AutoTokenizer, LlamaForCausalLM
+
+    from sparsegpt_utils import checkpoint
+    from sparsegpt_utils.cli import main
+    from tests.test_save_utils import prune
+
+    model = LlamaForCausalLM.from_pretrained(tiny_model_dir).eval()
+    masks, grids = prune(model, "d0.5")
+    folder = tmp_path / "ck"
+    checkpoint.save_pruned(model, folder, AutoTokenizer.from_pretrained(tiny_model_dir), masks=masks,
+                           progress=False)
+    calls = []
+    load = checkpoint.load_pruned
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs.get("sparse", False))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "load_pruned", spy)
+    out = tmp_path / "g.json"
+    code = main(["generate", "--checkpoint", str(folder), "--prompt", "def f(x):", "--max-new-tokens", "4",
+                 "--compare-dense", "--kernel", "bitmask", "--json", str(out)])
+    assert code == 0, capsys.readouterr().err
+    result = json.loads(out.read_text())
+    assert calls == [True, False]  # the sparse model from the compact form, the dense one for comparison
+    assert result["new_tokens"] == 4 and result["agreement"] == 1.0 and result["text"] == result["dense_text"]
+    assert result["load_peak_rss_increase_mb"] >= 0
+    assert set(result["formats"]) <= {"bitmask", "dense"}
