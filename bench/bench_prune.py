@@ -3,7 +3,7 @@ densities, the exact update and block reconstruction; perplexity, achieved densi
 seconds, the evaluation's seconds and peak memory, as one table (README: "One-shot pruning").
 
     python bench/bench_prune.py                      # 32 × 2048 calibration, 32 eval windows
-    python bench/bench_prune.py --protocol p1        # the issue-14 grid: 3 methods × 4 variants × 4 densities
+    python bench/bench_prune.py --protocol p1        # the full grid: 3 methods × 4 variants × 4 densities
     python bench/bench_prune.py --calib-samples 8 --seqlen 512 --eval-windows 8 \\
         --methods sparsegpt,admm --densities 0.5,0.3 --variants plain,owl,reconstruct   # quick
 
@@ -137,7 +137,9 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval", default="wikitext2")
     p.add_argument("--eval-windows", type=int, default=32)
-    p.add_argument("--protocol", choices=["p1"], help="the issue-14 grid (methods × variants × densities)")
+    p.add_argument("--protocol", choices=["p1"],
+                   help="the full grid: sparsegpt, wanda, admm × plain, owl, reconstruct, "
+                        "owl+reconstruct × 0.5, 2:4, 0.3, 0.1")
     p.add_argument("--methods", help="comma-separated, e.g. sparsegpt,admm")
     p.add_argument("--densities", help="comma-separated densities or N:M, e.g. 0.5,2:4,0.3")
     p.add_argument("--variants", help="comma-separated, e.g. plain,owl,reconstruct,owl+reconstruct")

@@ -11,13 +11,14 @@ success and 2 with a one-line message on bad input.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import importlib
 import importlib.util
 import json
 import sys
 from dataclasses import fields
 from pathlib import Path
+
+from .models import transformers_progress_bars
 
 __all__ = ["main", "build_parser", "add_prune_arguments", "experiment_from_args", "SUBCOMMAND_MODULES"]
 
@@ -376,21 +377,6 @@ def _one_line(err: BaseException) -> str:
     return text or type(err).__name__
 
 
-@contextlib.contextmanager
-def _progress_bars(shown: bool):
-    """``--no-progress`` also silences the loading bars of transformers."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    if not shown:
-        hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was and not shown:
-            hf_logging.enable_progress_bar()
-
-
 def main(argv: list[str] | None = None) -> int:
     """Run one subcommand; returns its exit status (0 success, 2 bad input, one line on stderr)."""
     from .experiment import InputError, resolve_device
@@ -400,7 +386,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if getattr(args, "device", None) is not None:
             resolve_device(args.device)  # the same device check for every subcommand, up front
-        with _progress_bars(getattr(args, "progress", True)):
+        with transformers_progress_bars(getattr(args, "progress", True)):
             code = args.handler(args)
     except InputError as err:
         print(f"error: {_flag(err.parameter)} {err.value}: {err.reason}", file=sys.stderr)

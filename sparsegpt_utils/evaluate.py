@@ -4,7 +4,6 @@ re-evaluation of saved checkpoints (notebook 3: :func:`evaluate_checkpoints`).""
 from __future__ import annotations
 
 import math
-import os
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,16 +66,17 @@ def perplexity(
 
 
 def density_report(model: nn.Module) -> pd.DataFrame:
-    """One row per pruned linear layer: shape, kept weights, density and sparsity
-    (nonzero weights counted on the model as it is)."""
+    """One row per pruned linear layer: shape, kept weights, density, sparsity and
+    ``empty_rows`` (rows with no nonzero weight left), counted on the model as it is."""
     rows = []
     for name, layer in pruned_linears(model).items():
         kept = int(torch.count_nonzero(layer.weight))
+        empty = int((~layer.weight.detach().ne(0).any(1)).sum())
         n = layer.weight.numel()
         block = next(int(part) for part in name.split(".") if part.isdigit())
         rows.append({"layer": name, "block": block, "rows": layer.out_features,
                      "columns": layer.in_features, "params": n, "kept": kept,
-                     "density": kept / n, "sparsity": 1 - kept / n})
+                     "density": kept / n, "sparsity": 1 - kept / n, "empty_rows": empty})
     return pd.DataFrame(rows)
 
 

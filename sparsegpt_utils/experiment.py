@@ -382,7 +382,7 @@ def run_experiment(exp: Experiment, model=None, tokenizer=None,
         torch.cuda.reset_peak_memory_stats(device)
     if model is None:
         with loading("model", exp.model):
-            model, tokenizer = load_model(exp.model, exp.dtype, device="cpu")
+            model, tokenizer = load_model(exp.model, exp.dtype, device="cpu", progress=exp.progress)
     model = copy.deepcopy(model)
     seqlen = exp.calib.seqlen or model_seqlen(model)
     eval_seqlen = exp.eval.seqlen or seqlen

@@ -337,7 +337,7 @@ def run_iterative(
         if src is not None and src.note and main:
             print(src.note)
     if model is None:
-        model, tokenizer = load_model(config.model, dtype="float32")
+        model, tokenizer = load_model(config.model, dtype="float32", progress=progress)
     if train_ids is None:
         train_ids = tokenize_text(tokenizer, train_src.text)
     if eval_ids is None:

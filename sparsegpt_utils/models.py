@@ -23,6 +23,7 @@ import importlib.util
 import inspect
 import weakref
 from collections.abc import Callable
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,6 +40,7 @@ __all__ = [
     "MatrixView",
     "ModelAdapter",
     "get_adapter",
+    "transformers_progress_bars",
     "load_model",
     "resolve_dtype",
     "ModelNotFoundError",
@@ -438,14 +440,36 @@ def _builtin_folder(name: str) -> Path:
     return replace_dir_atomic(target, fill, overwrite=True)
 
 
+@contextmanager
+def transformers_progress_bars(shown: bool):
+    """Inside the block, transformers' own bars ("Loading weights", downloads) are shown or
+    not; the setting before it is restored after."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if not shown:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was and not shown:
+            hf_logging.enable_progress_bar()
+
+
 def load_model(
-    name: str, dtype: str | torch.dtype | None = "auto", device: str = "cpu"
+    name: str, dtype: str | torch.dtype | None = "auto", device: str = "cpu", progress: bool = True
 ) -> tuple[nn.Module, object]:
     """Load (model, tokenizer) from ``smollm2-135m``, a local folder, or a hub id.
 
     The model is in eval mode on ``device``; ``dtype='auto'`` means float32 on CPU and
-    float16 on CUDA. Raises :class:`ModelNotFoundError` naming everything that was tried.
+    float16 on CUDA. ``progress=False`` hides transformers' loading bars. Raises
+    :class:`ModelNotFoundError` naming everything that was tried.
     """
+    with transformers_progress_bars(progress):
+        return _load_model(name, dtype, device)
+
+
+def _load_model(name: str, dtype, device: str) -> tuple[nn.Module, object]:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch_dtype = resolve_dtype(dtype, device)

@@ -69,8 +69,9 @@ def parse_list_parameter(name: str, value) -> list:
 
 def experiments_from_parameters(params: Mapping) -> list[Experiment]:
     """Notebook 1's experiments from its parameters (e.g. ``globals()``): one per density of
-    ``DENSITIES`` (fraction KEPT), or one N:M run when ``NM`` is set. Parameters not given take
-    the package's defaults; every one is checked here, before any model loads."""
+    ``DENSITIES`` (fraction KEPT), or one N:M run when ``NM`` is set; at each, ``METHOD`` and
+    then each method of ``COMPARE_WITH`` (with every other setting the same). Parameters not
+    given take the package's defaults; every one is checked here, before any model loads."""
     params = dict(params)
     for old, new in OLDER_NAMES.items():
         if params.get(old) is not None:
@@ -89,7 +90,13 @@ def experiments_from_parameters(params: Mapping) -> list[Experiment]:
         densities = parse_list_parameter("DENSITIES", params.get("DENSITIES", [0.5]))
         if not densities:
             raise ValueError("DENSITIES is empty: give at least one density (fraction kept), or NM")
-    return [Experiment.from_settings({**settings, "prune.density": d}) for d in densities]
+    compare = params.get("COMPARE_WITH") or []
+    compare = [compare] if isinstance(compare, str) and not compare.lstrip().startswith("[") else \
+        parse_list_parameter("COMPARE_WITH", compare)
+    methods = [settings.get("prune.method", "sparsegpt")]
+    methods += [m for m in compare if m not in methods]
+    return [Experiment.from_settings({**settings, "prune.method": m, "prune.density": d})
+            for d in densities for m in methods]
 
 
 def experiment_checkpoint_name(exp: Experiment) -> str:
@@ -114,7 +121,7 @@ def run_sparsity_list(runs: list[Experiment], pruned_dir: str | Path | None = No
         if text is not None and text.note:
             print(f"note: {text.note}")
     with loading("model", first.model):
-        model, tokenizer = load_model(first.model, first.dtype, device="cpu")
+        model, tokenizer = load_model(first.model, first.dtype, device="cpu", progress=first.progress)
     seqlen = first.eval.seqlen or first.calib.seqlen or model_seqlen(model)
     ppl_dense = None
     if texts[1] is not None:
@@ -128,7 +135,7 @@ def run_sparsity_list(runs: list[Experiment], pruned_dir: str | Path | None = No
         save = str(Path(pruned_dir) / experiment_checkpoint_name(run)) if pruned_dir else None
         run = dataclasses.replace(run, output=OutputConfig(save=save),
                                   eval=dataclasses.replace(run.eval, dense=False))
-        result, _, pruned_model = run_experiment(run, model, tokenizer, texts=texts)
+        result, pruned, pruned_model = run_experiment(run, model, tokenizer, texts=texts)
         result["ppl_dense"] = ppl_dense
         result["checkpoint"] = save
         if results_csv:
@@ -136,7 +143,9 @@ def run_sparsity_list(runs: list[Experiment], pruned_dir: str | Path | None = No
         rows.append(result)
         if result_json:  # every run so far, so that an interrupted list keeps what finished
             write_json_atomic(result_json, rows)
-        reports.append(density_report(pruned_model))
+        # the solver's own loss per layer beside its density (NaN where a method has none)
+        reports.append(density_report(pruned_model).merge(
+            pruned.layers[["layer", "loss"]], on="layer", how="left"))
     table = pd.DataFrame(rows)
     # MB = 10^6 bytes, as in notebook 4's figure and table
     table["size_mb"] = table["size_bytes"] / 1e6 if "size_bytes" in table else None

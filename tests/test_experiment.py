@@ -152,10 +152,28 @@ def test_papermill_string_lists_reach_notebook1_as_lists(tmp_path):
                                   "-p", "DEVICE", "cpu")
     assert params["SPARSENESS_LIST"] == "[0.5, 0.2]"  # what papermill hands over: a string
     runs = experiments_from_parameters(params)
-    assert [r.density for r in runs] == [0.5, 0.2] and runs[0].prune.percdamp == 0.02
+    assert [r.density for r in runs if r.prune.method == "sparsegpt"] == [0.5, 0.2]
+    assert {r.prune.percdamp for r in runs} == {0.02}
     defaults = experiments_from_parameters(_prepared_parameters(tmp_path, "-p", "DEVICE", "cpu"))
-    assert [r.density for r in defaults] == [0.5, 0.3] and defaults[0].model == "smollm2-135m"
+    assert [(r.prune.method, r.density) for r in defaults] == [
+        (m, d) for d in (0.5, 0.3) for m in ("sparsegpt", "wanda", "magnitude")]
+    assert defaults[0].model == "smollm2-135m"
     assert defaults[0].eval.fallback and defaults[0].calib.fallback
+
+
+def test_notebook1_compares_methods_at_each_density_with_the_same_settings():
+    runs = experiments_from_parameters({"METHOD": "sparsegpt", "COMPARE_WITH": "['wanda', 'magnitude']",
+                                        "DENSITIES": [0.5, 0.3], "percdamp": 0.05, "DEVICE": "cpu"})
+    assert [(r.prune.method, r.density) for r in runs] == [
+        ("sparsegpt", 0.5), ("wanda", 0.5), ("magnitude", 0.5),
+        ("sparsegpt", 0.3), ("wanda", 0.3), ("magnitude", 0.3)]
+    assert {r.prune.percdamp for r in runs} == {0.05}
+    one = experiments_from_parameters({"METHOD": "wanda", "COMPARE_WITH": "sparsegpt", "DEVICE": "cpu"})
+    assert [r.prune.method for r in one] == ["wanda", "sparsegpt"]
+    assert [r.prune.method for r in experiments_from_parameters({"COMPARE_WITH": [], "DEVICE": "cpu"})] == \
+        ["sparsegpt"]
+    with pytest.raises(ValueError, match="method"):
+        experiments_from_parameters({"COMPARE_WITH": ["wandaa"], "DEVICE": "cpu"})
 
 
 def test_notebook1_declares_one_parameters_cell_with_new_and_older_names():
@@ -165,7 +183,8 @@ def test_notebook1_declares_one_parameters_cell_with_new_and_older_names():
              if "parameters" in c.metadata.get("tags", [])]
     assert len(cells) == 1
     for name in ("DENSITIES", "percdamp", "blocksize", "mask_blocksize", "OWL", "EXACT_UPDATE",
-                 "RECONSTRUCT", "SPARSENESS_LIST", "SPARSITIES", "EPSILON", "B", "Bs", "RESULT_JSON"):
+                 "RECONSTRUCT", "COMPARE_WITH", "SPARSENESS_LIST", "SPARSITIES", "EPSILON", "B", "Bs",
+                 "RESULT_JSON"):
         assert f"\n{name} = " in "\n" + cells[0].source, name
     assert "KEPT" in cells[0].source
 

@@ -306,6 +306,8 @@ def test_rows_that_keep_nothing_are_counted_and_warned_once():
     layers = len(pruned_linears(model))
     assert f"{layers} of {layers} pruned layers" in str(empty[0].message)
     assert (result.layers["empty_rows"] >= 4).all()
+    report = density_report(model).set_index("layer")["empty_rows"]
+    assert report.to_dict() == result.layers.set_index("layer")["empty_rows"].to_dict()
     for name, layer in pruned_linears(model).items():
         row = result.layers.set_index("layer").loc[name]
         assert row["empty_rows"] == int((~layer.weight.ne(0).any(1)).sum())

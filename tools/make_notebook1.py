@@ -16,6 +16,7 @@ cells = [
 # sparsity = 1 - density. Lists may also be given as strings: papermill -p DENSITIES "[0.5, 0.2]".
 model_name = "smollm2-135m"     # hub id, local folder, or "smollm2-135m" (offline built-in)
 METHOD = "sparsegpt"            # sparsegpt | wanda | magnitude | admm
+COMPARE_WITH = ["wanda", "magnitude"]  # further methods run at each density, same settings ([]: none)
 DENSITIES = [0.5, 0.3]          # fraction of weights KEPT, each in (0, 1]
 NM = None                       # e.g. "2:4": N:M pattern instead of DENSITIES
 calibration_size = 8            # calibration windows (paper: 128)
@@ -49,14 +50,20 @@ EPSILON = None                  # = percdamp
 B = None                        # = blocksize
 Bs = None                       # = mask_blocksize
 model_size = "125m"             # used only when model_name is None: facebook/opt-{model_size}"""),
-    code("""import pandas as pd
+    code("""import warnings
+
+import pandas as pd
 from sparsegpt_utils.notebook import experiments_from_parameters, run_sparsity_list
 from sparsegpt_utils.paths import pruned_dir, results_dir
+from sparsegpt_utils.solver import EmptyRowsWarning
+
+warnings.simplefilter("ignore", EmptyRowsWarning)  # counted in the layer table's empty_rows column
 
 pd.set_option("display.precision", 2)
 runs = experiments_from_parameters(globals())  # every parameter is checked here, before the model loads
 model_name, METHOD = runs[0].model, runs[0].prune.method
-print(f"{len(runs)} run(s) of {METHOD} on {model_name}")"""),
+methods = list(dict.fromkeys(r.prune.method for r in runs))
+print(f"{len(runs)} run(s) on {model_name}: {', '.join(methods)} at each setting")"""),
     md("## Prune, evaluate and save each setting\n\nThe dense model is evaluated once on the "
        "same windows; each run starts from a fresh copy of it."),
     code("""table, layer_reports = run_sparsity_list(
@@ -64,23 +71,46 @@ print(f"{len(runs)} run(s) of {METHOD} on {model_name}")"""),
     results_csv=RESULTS_CSV or results_dir() / "1_SparseGPT.csv", result_json=RESULT_JSON)
 table[["method", "density", "sparsity", "nm", "wbits", "calib", "eval", "density_achieved",
        "sparsity_achieved", "ppl_dense", "ppl", "avg_bits", "size_mb", "dense_size_mb"]]"""),
-    md("## Density of every pruned layer (last run)"),
-    code("""last = layer_reports[-1]
+    md("## Methods compared at each setting\n\nPerplexity of every method at every density (or "
+       "N:M pattern), all on the same calibration and evaluation windows."),
+    code("""setting = table["nm"].fillna(table["density"].map("density {:g}".format)) if "nm" in table else \\
+    table["density"].map("density {:g}".format)
+compared = table.assign(setting=setting).pivot_table(index="setting", columns="method", values="ppl",
+                                                     sort=False)[methods]
+compared.insert(0, "dense", table["ppl_dense"].iloc[0])
+compared"""),
+    md("## Density of every pruned layer (the last run of `METHOD`)"),
+    code("""last = [r for r, run in zip(layer_reports, runs) if run.prune.method == METHOD][-1]
 print(f"density kept {last['kept'].sum() / last['params'].sum():.4f}, "
-      f"sparsity {1 - last['kept'].sum() / last['params'].sum():.4f} over {len(last)} layers")
+      f"sparsity {1 - last['kept'].sum() / last['params'].sum():.4f} over {len(last)} layers; "
+      f"rows left with no weight: {last['empty_rows'].sum()} in {(last['empty_rows'] > 0).sum()} layers")
 last.assign(layer=last["layer"].str.replace("model.", "", regex=False))[
-    ["layer", "rows", "columns", "density", "sparsity"]].head(14)"""),
+    ["layer", "rows", "columns", "density", "sparsity", "empty_rows"]].head(14)"""),
+    md("## Per-block density, the solver's loss per layer, perplexity per method\n\n"
+       "The loss is what the solver minimises for each layer, ‖(W − Ŵ)X‖² over the calibration "
+       "tokens (Wanda and magnitude have none)."),
     code("""import matplotlib.pyplot as plt
 
-fig, axes = plt.subplots(1, 2, figsize=(11, 3.5))
+fig, axes = plt.subplots(1, 3, figsize=(15, 3.6))
 for report, run in zip(layer_reports, runs):
-    label = f"{run.prune.nm[0]}:{run.prune.nm[1]}" if run.prune.nm else f"density {run.density}"
+    if run.prune.method != METHOD:
+        continue
+    label = f"{run.prune.nm[0]}:{run.prune.nm[1]}" if run.prune.nm else f"density {run.density:g}"
     report.groupby("block")["density"].mean().plot(ax=axes[0], marker="o", label=label)
-axes[0].set(xlabel="decoder block", ylabel="density (kept fraction)", title="per-block density")
+    if report["loss"].notna().any():
+        axes[1].plot(range(len(report)), report["loss"].clip(lower=1e-12), lw=0.8, label=label)
+axes[0].set(xlabel="decoder block", ylabel="density (kept fraction)", title=f"{METHOD}: per-block density")
 axes[0].legend()
-table.plot(x="density_achieved", y=["ppl_dense", "ppl"], marker="o", ax=axes[1], logy=True)
-axes[1].set(xlabel="density (kept fraction)", ylabel=f"perplexity ({table['eval'].iloc[0]})",
-            title=f"{METHOD} on {model_name}")
+axes[1].set(xlabel="pruned layer (model order)", ylabel="solver loss", yscale="log",
+            title=f"{METHOD}: loss per layer")
+if axes[1].lines:
+    axes[1].legend()
+for method, part in table.groupby("method", sort=False):
+    axes[2].plot(part["density_achieved"], part["ppl"], marker="o", label=method)
+axes[2].axhline(table["ppl_dense"].iloc[0], color="gray", ls="--", label="dense")
+axes[2].set(xlabel="density (kept fraction)", ylabel=f"perplexity ({table['eval'].iloc[0]})",
+            yscale="log", title=model_name)
+axes[2].legend()
 fig.tight_layout()"""),
 ]
 nb = nbf.v4.new_notebook(cells=cells, metadata={
