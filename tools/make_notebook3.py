@@ -28,6 +28,9 @@ token_length = 256  # tokens per window, likewise (notebook 1's default); None =
 TOLERANCE = 0.01  # a pruned layer's density may differ from the target by this much
 PROMPTS = ["The capital of France is", "In 1905, Albert Einstein", "def fibonacci(n):"]
 MAX_NEW_TOKENS = 24  # greedy continuation of each prompt, per model
+TASKS = []  # zero-shot tasks (lm-evaluation-harness), e.g. ["arc_easy", "hellaswag"]; [] = none
+TASKS_LIMIT = None  # the first N documents of each task (a quick look); None = all
+TASKS_PATH = []  # folders of your own task YAML files, searched first
 SHOW_PROGRESS = False  # progress bars (off: keeps saved outputs short)
 PRUNED_DIR = None  # None: $SPARSEGPT_PRUNED_DIR, else <project>/pruned_models
 RESULTS_DIR = None  # None: $SPARSEGPT_RESULTS_DIR, else <project>/results
@@ -48,9 +51,18 @@ if token_length is not None and (not isinstance(token_length, int) or token_leng
     raise ValueError(f"token_length must be an integer >= 2 or None, got {token_length!r}")
 if not 0 <= TOLERANCE < 1:
     raise ValueError(f"TOLERANCE must be in [0, 1), got {TOLERANCE!r}")
-EVAL_DATASETS = [EVAL_DATASETS] if isinstance(EVAL_DATASETS, str) else parse_list_parameter(
-    "EVAL_DATASETS", EVAL_DATASETS)
-PROMPTS = [PROMPTS] if isinstance(PROMPTS, str) else parse_list_parameter("PROMPTS", PROMPTS)
+
+
+def text_list(name, value):  # one name, or a list (papermill may hand it over as a string)
+    return [value] if isinstance(value, str) and not value.lstrip().startswith("[") else \
+        parse_list_parameter(name, value)
+
+
+EVAL_DATASETS = text_list("EVAL_DATASETS", EVAL_DATASETS)
+PROMPTS = text_list("PROMPTS", PROMPTS)
+TASKS, TASKS_PATH = text_list("TASKS", TASKS), text_list("TASKS_PATH", TASKS_PATH)
+if TASKS_LIMIT is not None and (not isinstance(TASKS_LIMIT, int) or TASKS_LIMIT < 1):
+    raise ValueError(f"TASKS_LIMIT must be a positive integer or None, got {TASKS_LIMIT!r}")
 if not isinstance(MAX_NEW_TOKENS, int) or MAX_NEW_TOKENS < 1:
     raise ValueError(f"MAX_NEW_TOKENS must be a positive integer, got {MAX_NEW_TOKENS!r}")"""),
     code("""import os
@@ -99,16 +111,32 @@ table[[c for c in shown if c in table]].round({"density_achieved": 4, "layer_den
     md("## What the models write\n\n"
        "Greedy continuations (no sampling) of each prompt by the dense model and each saved model."),
     code("""saved = evaluate.find_checkpoints(pruned_root, model_name, METHOD, [d for d in densities if d < 1])
-models = {"dense": load_model(model_name)}
+models = {1.0: load_model(model_name, progress=SHOW_PROGRESS)}
 for density, path in saved.items():
     if path is not None:
-        models[f"density {density:g}"] = evaluate.load_checkpoint(path)
-tokenizer = models["dense"][1]
-generations = generate_side_by_side({name: net for name, (net, _) in models.items()}, tokenizer, PROMPTS,
+        models[density] = evaluate.load_checkpoint(path)
+tokenizer = models[1.0][1]
+names = {d: "dense" if d == 1.0 else f"density {d:g}" for d in models}
+generations = generate_side_by_side({names[d]: net for d, (net, _) in models.items()}, tokenizer, PROMPTS,
                                     max_new_tokens=MAX_NEW_TOKENS)
-del models
 with pd.option_context("display.max_colwidth", None):
     display(generations)"""),
+    md("## Zero-shot accuracy\n\n"
+       "With `TASKS` set, every model is scored by lm-evaluation-harness (its tasks fetch their "
+       "data from the hub; `TASKS_PATH` adds local task folders) and the accuracies join the "
+       "table above as `acc_<task>` / `acc_norm_<task>` columns. Its `wikitext` task measures a "
+       "different perplexity (rolling windows, per word) from the one above."),
+    code("""if TASKS:
+    from sparsegpt_utils.tasks import task_row, zero_shot
+
+    accuracy = pd.DataFrame([{"density": d, **task_row(zero_shot(net, tokenizer, TASKS, limit=TASKS_LIMIT,
+                                                                 task_paths=TASKS_PATH))}
+                             for d, (net, _) in models.items()])
+    table = table.merge(accuracy, on="density", how="left") if len(table) else accuracy
+    display(accuracy.assign(sparsity=1 - accuracy["density"]))
+else:
+    print("TASKS is empty: no zero-shot accuracy (e.g. TASKS = ['arc_easy', 'hellaswag'])")
+del models"""),
     md("## Save the table and the figure"),
     code("""stem = results_root / "testing" / f"testing_{results.model_slug(model_name)}_{METHOD}"
 results.write_csv_atomic(stem.with_suffix(".csv"), table)
