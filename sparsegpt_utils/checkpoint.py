@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import ctypes
 import hashlib
 import importlib.abc
 import json
@@ -986,6 +987,23 @@ def load_pruned(directory: str | Path, device: str | torch.device = "cpu",
     return model.to(device), tokenizer
 
 
+def _return_freed_memory() -> None:
+    """Hand memory freed on the heap back to the OS (glibc ``malloc_trim``; elsewhere nothing):
+    glibc keeps freed blocks of up to tens of MB resident, so without it the scratch of decoding
+    one layer after another adds up in the peak RSS of a load."""
+    global _MALLOC_TRIM
+    if _MALLOC_TRIM is None:
+        try:
+            _MALLOC_TRIM = ctypes.CDLL("libc.so.6").malloc_trim
+        except (OSError, AttributeError):
+            _MALLOC_TRIM = False
+    if _MALLOC_TRIM:
+        _MALLOC_TRIM(0)
+
+
+_MALLOC_TRIM = None
+
+
 def _load_sparse(directory: Path, device, dtype, progress: bool, **choice):
     from . import sparse_inference
 
@@ -1018,6 +1036,7 @@ def _load_sparse(directory: Path, device, dtype, progress: bool, **choice):
             setattr(parent, attr, sparse_inference.layer_from_kept(
                 mask, values, bias, kernel=choice["kernel"], max_density=choice["max_density"]))
             del mask, values, old, bias
+            _return_freed_memory()  # each layer's decode scratch, before the next layer's
         del pruned
         model, tokenizer = _finish(model, directory)
         sparse_inference.keep_faster(model, max_density=choice["max_density"], measure=choice["measure"],
