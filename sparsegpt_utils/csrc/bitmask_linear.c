@@ -62,10 +62,51 @@ int sgpt_has_avx512(void) {
 #endif
 }
 
+#ifdef SGPT_AVX512
+/* Four rows at a time: each x slice is loaded once for all four, and the four independent
+ * expand -> convert -> FMA chains keep the core busy (one row alone is latency-bound). */
+static inline void gemv4(const float *x, const uint32_t *masks, const uint16_t *values,
+                         const int64_t *offsets, const float *bias, float *y, int64_t r, int64_t words) {
+    const uint32_t *m0 = masks + r * words, *m1 = m0 + words, *m2 = m1 + words, *m3 = m2 + words;
+    const uint16_t *v0 = values + offsets[r], *v1 = values + offsets[r + 1];
+    const uint16_t *v2 = values + offsets[r + 2], *v3 = values + offsets[r + 3];
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps(), a2 = _mm512_setzero_ps();
+    __m512 a3 = _mm512_setzero_ps();
+    for (int64_t w = 0; w < words; ++w) {
+        __m512 xl = _mm512_loadu_ps(x + 32 * w), xh = _mm512_loadu_ps(x + 32 * w + 16);
+        uint32_t k0 = m0[w], k1 = m1[w], k2 = m2[w], k3 = m3[w];
+        __m512i e0 = expand16(k0, v0), e1 = expand16(k1, v1), e2 = expand16(k2, v2), e3 = expand16(k3, v3);
+        v0 += __builtin_popcount(k0); v1 += __builtin_popcount(k1);
+        v2 += __builtin_popcount(k2); v3 += __builtin_popcount(k3);
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(e0)), xl, a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(e1)), xl, a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(e2)), xl, a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(e3)), xl, a3);
+        a0 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(e0, 1)), xh, a0);
+        a1 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(e1, 1)), xh, a1);
+        a2 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(e2, 1)), xh, a2);
+        a3 = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(e3, 1)), xh, a3);
+    }
+    float s[4] = {_mm512_reduce_add_ps(a0), _mm512_reduce_add_ps(a1), _mm512_reduce_add_ps(a2),
+                  _mm512_reduce_add_ps(a3)};
+    for (int k = 0; k < 4; ++k)
+        y[r + k] = bias ? s[k] + bias[r + k] : s[k];
+}
+#endif
+
 void bitmask_gemv(const float *x, const uint32_t *masks, const uint16_t *values, const int64_t *offsets,
                   const float *bias, float *y, int64_t rows, int64_t words, int threads) {
+#ifdef SGPT_AVX512
+    int64_t quads = rows / 4;
 #pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
-    for (int64_t r = 0; r < rows; ++r) {
+    for (int64_t q = 0; q < quads; ++q)
+        gemv4(x, masks, values, offsets, bias, y, 4 * q, words);
+    int64_t first = 4 * quads;
+#else
+    int64_t first = 0;
+#endif
+#pragma omp parallel for schedule(static) num_threads(threads) if (threads > 1)
+    for (int64_t r = first; r < rows; ++r) {
         const uint32_t *m = masks + r * words;
         const uint16_t *v = values + offsets[r];
         float sum;
