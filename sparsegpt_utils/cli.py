@@ -81,6 +81,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser, target: bool = True) ->
     _add(g, "--wbits", "quant.bits", "quantize kept weights to this many bits, 2..16 (default: "
          "not quantized)", type=int)
     _add(g, "--groupsize", "quant.groupsize", "columns per quantization grid (default: per row)", type=int)
+    _add(g, "--sym", "quant.sym", "symmetric grids (zero point at the middle; what the "
+         "compressed-tensors export needs); default: asymmetric", action="store_true")
     _add(g, "--target-avg-bits", "mixed.target_avg_bits",
          "mixed precision: average bits per weight, every stored bit counted (default: "
          "uniform widths)", type=float)

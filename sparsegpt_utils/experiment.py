@@ -308,6 +308,8 @@ def prune_config_from_settings(settings: Mapping) -> PruneConfig:
         prune["quant"] = QuantSpec(**quant)
     elif quant.get("groupsize") is not None:
         raise ValueError(f"groupsize ({quant['groupsize']}) needs wbits (quantization bits)")
+    elif quant.get("sym"):
+        raise ValueError("sym (symmetric grids) needs wbits (quantization bits)")
     return check_nm_blocks(PruneConfig(**prune))
 
 
@@ -348,6 +350,9 @@ def _settings_row(exp: Experiment, seqlen: int, calib: TextSource | None, evalua
         "sparsity": None if p.nm else round(1 - p.density, 6),
         "wbits": int(bits) if bits is not None and not torch.is_tensor(bits) else None,
         "groupsize": p.quant.groupsize if p.quant is not None else None,
+        # quantization-only settings: None for a run that does not quantize
+        "sym": bool(p.quant.sym) if p.quant is not None else None,
+        "act_order": bool(p.act_order) if p.quant is not None else None,
         "target_avg_bits": mixed.target_avg_bits if mixed else None,
         "bit_method": mixed.method if mixed else None, "mixed_unit": mixed.unit if mixed else None,
         "calib": calib.used if calib else None,

@@ -387,3 +387,21 @@ def test_tasks_without_the_harness_is_one_line(bad_model_dirs, monkeypatch, caps
     code, _, err = run(["eval", "--model", str(bad_model_dirs["empty"][0]), "--eval", "stdlib", "--tasks",
                         "tiny_mc"], capsys)
     assert code == 2 and "lm-evaluation-harness" in error_line(err)
+
+
+def test_symmetric_quantized_prune_exports_to_compressed_tensors(tiny_model_dir, tmp_path, capsys):
+    """What the README's CLI example does: prune with --wbits 4 --sym, export the checkpoint as
+    a compressed-tensors folder; the row records the quantization settings (act-order on)."""
+    pytest.importorskip("compressed_tensors")
+    out, ckpt, exported = tmp_path / "r.json", tmp_path / "ckpt", tmp_path / "ct"
+    code, _, err = run(tiny_prune(tiny_model_dir, "--density", "0.5", "--wbits", "4", "--sym",
+                                  "--save", str(ckpt), "--json", str(out)), capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["wbits"] == 4 and result["sym"] is True and result["act_order"] is True
+    code, _, err = run(["export", str(ckpt), str(exported), "--format", "compressed-tensors"], capsys)
+    assert code == 0, err
+    config = json.loads((exported / "config.json").read_text())
+    assert config["quantization_config"]["quant_method"] == "compressed-tensors"
+    code, _, err = run(tiny_prune(tiny_model_dir, "--density", "0.5", "--sym"), capsys)
+    assert code == 2 and "sym" in err and "wbits" in err

@@ -256,8 +256,7 @@ def test_evaluate_checkpoints_measures_saved_models_and_names_missing_ones(tmp_p
 def test_older_names_stay_reachable_from_sweep():
     from sparsegpt_utils import notebook
 
-    for name in ("evaluate_checkpoints", "find_checkpoints", "load_checkpoint", "available_sources",
-                 "hub_reachable"):
+    for name in ("evaluate_checkpoints", "find_checkpoints", "load_checkpoint", "available_sources"):
         assert getattr(sweep, name) is getattr(evaluate, name)
     assert sweep.refresh_notebooks is notebook.refresh_notebooks
     with pytest.raises(AttributeError, match="no_such_name"):
