@@ -153,4 +153,8 @@ nb = nbf.v4.new_notebook(cells=cells, metadata={
     "kernelspec": {"display_name": "Python 3", "language": "python", "name": "python3"},
     "language_info": {"name": "python"}})
 nb.cells[1].metadata["tags"] = ["parameters"]
+# rounding-dependent output (see notebooks/nbval_sanitize.cfg): nbval runs it, does not compare it
+for cell in nb.cells:
+    if cell.source.startswith('saved = evaluate.find_checkpoints'):
+        cell.metadata["tags"] = ["nbval-ignore-output"]
 nbf.write(nb, "notebooks/3_Testing.ipynb")
