@@ -176,6 +176,10 @@ def refresh_notebooks(notebooks: list[str | Path], workdir: str | Path | None = 
     try:
         for path in map(Path, notebooks):
             nb = nbformat.read(path, as_version=4)
+            # papermill's run record names the machine's output path: not part of a committed notebook
+            nb.metadata.pop("papermill", None)
+            for cell in nb.cells:
+                cell.metadata.pop("papermill", None)
             start = time.perf_counter()
             NotebookClient(nb, kernel_name=kernel, timeout=timeout,
                            resources={"metadata": {"path": str(path.resolve().parent)}}).execute()

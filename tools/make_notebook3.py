@@ -80,7 +80,7 @@ from sparsegpt_utils.models import load_model
 from sparsegpt_utils.paths import pruned_dir, results_dir
 
 if not SHOW_PROGRESS:
-    transformers_logging.disable_progress_bar()  # no "Loading weights" bars in the outputs
+    transformers_logging.disable_progress_bar()  # no weight-loading progress bars in the outputs
 torch.manual_seed(0)
 pd.set_option("display.precision", 2)
 pruned_root, results_root = pruned_dir(PRUNED_DIR), results_dir(RESULTS_DIR)"""),
