@@ -409,3 +409,21 @@ def test_ctrl_c_stops_a_sweep_at_once_and_keeps_finished_runs(tmp_path):
     assert next(runs.glob("*x=1*/result.json")).stat().st_mtime_ns == first
     assert _csv_densities(csv) == [2]  # the stopped attempt's row replaced
     assert sorted(sweep.collect_results(runs)["density"]) == [1, 2, 3]
+
+
+def test_refresh_notebooks_writes_outputs_without_machine_paths(tmp_path):
+    """`make notebooks` re-executes in place; papermill's run record (it names the output path
+    on the machine that ran it) does not survive into the committed notebook."""
+    from sparsegpt_utils.notebook import refresh_notebooks
+
+    nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("print(6 * 7)")])
+    nb.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3", "language": "python"}
+    nb.metadata["papermill"] = {"output_path": "/tmp/somewhere/out.ipynb"}
+    nb.cells[0].metadata["papermill"] = {"status": "completed"}
+    path = tmp_path / "n.ipynb"
+    nbformat.write(nb, path)
+    refresh_notebooks([path], workdir=tmp_path / "work")
+    text = path.read_text()
+    out = nbformat.reads(text, as_version=4)
+    assert out.cells[0].outputs[0]["text"] == "42\n"
+    assert "papermill" not in text and "/tmp/somewhere" not in text
