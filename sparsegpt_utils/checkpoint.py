@@ -1040,7 +1040,7 @@ def _load_sparse(directory: Path, device, dtype, progress: bool, **choice):
         del pruned
         model, tokenizer = _finish(model, directory)
         sparse_inference.keep_faster(model, max_density=choice["max_density"], measure=choice["measure"],
-                                     half_dense=choice["half_dense"])
+                                     half_dense=choice["half_dense"], kernel=choice["kernel"])
     report = peak.report()
     counts = sparse_inference.inference_formats(model)["format"].value_counts()
     report["formats"] = {str(k): int(v) for k, v in counts.items()}

@@ -1,4 +1,4 @@
-"""CPU kernels for bitmask-sparse and 16-bit linear layers (``csrc/bitmask_linear.c``).
+"""CPU kernels for sparse (bitmask and csr16) and 16-bit linear layers (``csrc/bitmask_linear.c``).
 
 The C source is compiled once per machine with the system C compiler (``cc -O3 -march=native
 -fopenmp``) into the cache folder (:func:`sparsegpt_utils.paths.cache_dir`) and called through
@@ -23,7 +23,7 @@ from .paths import cache_dir
 from .results import write_atomic
 
 __all__ = ["load", "available", "build_error", "compile_library", "bind", "gemv", "decompress", "half_gemv",
-           "threads"]
+           "csr16_gemv", "csr16_decompress", "isa", "threads", "ISA_FLAGS"]
 
 SOURCE = Path(__file__).with_name("csrc") / "bitmask_linear.c"
 _lib: ctypes.CDLL | None = None
@@ -42,13 +42,20 @@ def _cpu_signature() -> str:
     return platform.processor() or platform.machine()
 
 
-def compile_library(target: Path, native: bool = True) -> Path:
-    """Compile the kernels into the shared library ``target`` (atomically); ``native=False``
-    builds the portable code path (no CPU-specific instructions)."""
+# compiler flags per target: this CPU's own instructions, AVX2 (+ F16C, FMA) only, or none
+ISA_FLAGS = {"native": ["-march=native"], "avx2": ["-mavx2", "-mf16c", "-mfma"], "portable": []}
+
+
+def compile_library(target: Path, isa: str = "native") -> Path:
+    """Compile the kernels into the shared library ``target`` (atomically) for ``isa``, a key of
+    :data:`ISA_FLAGS`: ``"native"`` (what this CPU has), ``"avx2"`` (the AVX2 path even on an
+    AVX-512 CPU, to test it), ``"portable"`` (no CPU-specific instructions)."""
+    if isa not in ISA_FLAGS:
+        raise ValueError(f"isa must be one of {sorted(ISA_FLAGS)}, got {isa!r}")
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    flags = ["-O3", "-fPIC", "-shared"] + (["-march=native"] if native else [])
+    flags = ["-O3", "-fPIC", "-shared", *ISA_FLAGS[isa]]
 
     def build(tmp: str) -> None:
         for extra in (["-fopenmp"], []):  # OpenMP where the compiler has it
@@ -69,7 +76,10 @@ def bind(path: str | Path) -> ctypes.CDLL:
     lib.bitmask_gemv.argtypes = [p, p, p, p, p, p, i64, i64, i32]
     lib.bitmask_decompress.argtypes = [p, p, p, p, i64, i64, i64, i32]
     lib.half_gemv.argtypes = [p, p, p, i64, i64, i32]
+    lib.csr16_gemv.argtypes = [p, p, p, p, p, p, i64, i32]
+    lib.csr16_decompress.argtypes = [p, p, p, p, i64, i64, i32]
     lib.sgpt_has_avx512.restype = i32
+    lib.sgpt_isa.restype = i32
     return lib
 
 
@@ -102,6 +112,13 @@ def available() -> bool:
 def build_error() -> str | None:
     load()
     return _error
+
+
+def isa() -> str:
+    """The code path the loaded kernels run: ``"avx512"``, ``"avx2"``, ``"portable"``, or
+    ``"none"`` where they could not be built."""
+    lib = load()
+    return "none" if lib is None else ("portable", "avx2", "avx512")[lib.sgpt_isa()]
 
 
 def threads() -> int:
@@ -138,3 +155,22 @@ def half_gemv(x: torch.Tensor, weight16: torch.Tensor, lib: ctypes.CDLL | None =
     y = torch.empty(rows, dtype=torch.float32)
     (lib or load()).half_gemv(_ptr(x), _ptr(weight16), _ptr(y), rows, cols, threads())
     return y
+
+
+def csr16_gemv(x: torch.Tensor, idx: torch.Tensor, vals: torch.Tensor, offsets: torch.Tensor,
+               bias: torch.Tensor | None, rows: int, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """``W x (+ bias)`` for one token, W in csr16 form: x float32 [cols], idx int16 (uint16 column
+    bits) and vals int16 (fp16 bits), both [kept + 16], offsets int64 [rows + 1] → float32 [rows]."""
+    y = torch.empty(rows, dtype=torch.float32)
+    (lib or load()).csr16_gemv(_ptr(x), _ptr(idx), _ptr(vals), _ptr(offsets), _ptr(bias), _ptr(y), rows,
+                               threads())
+    return y
+
+
+def csr16_decompress(idx: torch.Tensor, vals: torch.Tensor, offsets: torch.Tensor, rows: int, cols: int,
+                     out: torch.Tensor | None = None, lib: ctypes.CDLL | None = None) -> torch.Tensor:
+    """The dense float32 weight [rows, cols] of a csr16 matrix (into ``out`` when given)."""
+    if out is None:
+        out = torch.empty(rows, cols, dtype=torch.float32)
+    (lib or load()).csr16_decompress(_ptr(idx), _ptr(vals), _ptr(offsets), _ptr(out), rows, cols, threads())
+    return out

@@ -34,6 +34,7 @@ from .models import MatrixView, get_adapter, pruned_linears
 
 __all__ = [
     "BitmaskLinear",
+    "Csr16Linear",
     "HalfLinear",
     "SparseLinear",
     "sparsify_for_inference",
@@ -135,7 +136,58 @@ def _pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(packed.view("<u4").astype(np.uint32).view(np.int32).copy())
 
 
-class BitmaskLinear(nn.Module):
+class _PackedLinear(nn.Module):
+    """What the fp16 sparse layers share: one token (decoding) runs the layer's matrix-vector
+    kernel (``_gemv``) straight on the input's memory, with as little Python around it as
+    possible (a model calls some 200 of them per token); several tokens (a prompt) decompress the
+    weight into a float32 scratch matrix shared by all layers and multiply with torch's GEMM: the
+    same products as the dense layer."""
+
+    in_features: int
+    out_features: int
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def dense_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    @torch.no_grad()
+    def to_linear(self) -> nn.Linear:
+        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        layer.weight.copy_(self.dense_weight())
+        if self.bias is not None:
+            layer.bias.copy_(self.bias)
+        return layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.numel() == self.in_features and x.dtype == torch.float32 and kernels.available():
+            return self._gemv(x.reshape(-1)).view(*x.shape[:-1], self.out_features)
+        lead = x.shape[:-1]
+        y = nn.functional.linear(x.reshape(-1, self.in_features).float(), _scratch_weight(self), self.bias)
+        return y.reshape(*lead, self.out_features).to(x.dtype)
+
+
+def _fp16_values(values: torch.Tensor, what: str) -> torch.Tensor:
+    """The kept values as fp16, refusing values that fp16 would change."""
+    half = values.detach().reshape(-1).to(torch.float16)
+    if not torch.equal(half.to(values.dtype), values.detach().reshape(-1)):
+        raise ValueError(f"{what} layers store fp16 values: these weights are not exactly representable "
+                         "in fp16 (load the model from its compact checkpoint, which stores fp16)")
+    return half
+
+
+def _row_offsets(mask: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """int64 [rows + 1]: where each row's kept values begin; checks the value count."""
+    counts = mask.sum(1, dtype=torch.int64)
+    if int(counts.sum()) != values.numel():
+        raise ValueError(f"mask keeps {int(counts.sum())} weights but {values.numel()} values were given")
+    offsets = torch.zeros(mask.shape[0] + 1, dtype=torch.int64)
+    offsets[1:] = counts.cumsum(0)
+    return offsets
+
+
+class BitmaskLinear(_PackedLinear):
     """``y = x Wᵀ + b`` with ``W`` [out_features, in_features] stored as a bitmask of its kept
     weights (1 bit per weight) and their values in IEEE fp16, computed in float32.
 
@@ -162,16 +214,9 @@ class BitmaskLinear(nn.Module):
                          bias: torch.Tensor | None = None) -> BitmaskLinear:
         """From a bool mask [out, in] and the kept values in row-major order (any float dtype,
         exactly representable in fp16) — no dense weight needed."""
-        counts = mask.sum(1, dtype=torch.int64)
-        if int(counts.sum()) != values.numel():
-            raise ValueError(f"mask keeps {int(counts.sum())} weights but {values.numel()} values were given")
-        half = values.detach().reshape(-1).to(torch.float16)
-        if not torch.equal(half.to(values.dtype), values.detach().reshape(-1)):
-            raise ValueError("bitmask layers store fp16 values: these weights are not exactly representable "
-                             "in fp16 (load the model from its compact checkpoint, which stores fp16)")
+        offsets = _row_offsets(mask, values)
+        half = _fp16_values(values, "bitmask")
         padded = torch.cat([half, torch.zeros(32, dtype=torch.float16)]).view(torch.int16)
-        offsets = torch.zeros(mask.shape[0] + 1, dtype=torch.int64)
-        offsets[1:] = counts.cumsum(0)
         b = None if bias is None else bias.detach().float().clone()
         return cls(_pack_mask(mask), padded, offsets, mask.shape[1], b)
 
@@ -191,42 +236,110 @@ class BitmaskLinear(nn.Module):
         if kernels.available():
             return kernels.decompress(self.masks, self.values, self.offsets, self.out_features,
                                       self.in_features, out)
-        bits = torch.from_numpy(np.unpackbits(self.masks.numpy().view(np.uint8), axis=1, bitorder="little"))
-        mask = bits[:, : self.in_features].bool()
+        mask, values = self.kept()
         w = torch.zeros(self.out_features, self.in_features) if out is None else out.zero_()
-        w[mask] = self.values[: int(self.offsets[-1])].view(torch.float16).float()
+        w[mask] = values.float()
         return w
 
-    @torch.no_grad()
-    def to_linear(self) -> nn.Linear:
-        layer = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        layer.weight.copy_(self.dense_weight())
-        if self.bias is not None:
-            layer.bias.copy_(self.bias)
-        return layer
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bool mask [out, in], kept values as fp16 in row-major order)."""
+        bits = torch.from_numpy(np.unpackbits(self.masks.numpy().view(np.uint8), axis=1, bitorder="little"))
+        return bits[:, : self.in_features].bool(), self.values[: int(self.offsets[-1])].view(torch.float16)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        lead = x.shape[:-1]
-        x2 = x.reshape(-1, self.in_features).float()
-        if x2.shape[0] == 1 and kernels.available():
-            words = self.masks.shape[1]
-            xp = x2[0] if words * 32 == self.in_features else nn.functional.pad(
-                x2[0], (0, words * 32 - self.in_features))
-            y = kernels.gemv(xp.contiguous(), self.masks, self.values, self.offsets, self.bias,
-                             self.out_features)[None]
-        else:
-            y = nn.functional.linear(x2, _scratch_weight(self), self.bias)
-        return y.reshape(*lead, self.out_features).to(x.dtype)
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        words = self.masks.shape[1]
+        if words * 32 != self.in_features:
+            x = nn.functional.pad(x, (0, words * 32 - self.in_features))
+        return kernels.gemv(x, self.masks, self.values, self.offsets, self.bias, self.out_features)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
                 f"bias={self.bias is not None}, density={self.density:.3f}, values=fp16+bitmask")
 
 
+class Csr16Linear(_PackedLinear):
+    """``y = x Wᵀ + b`` with ``W`` [out_features, in_features] stored row by row as the 16-bit
+    column indices of its kept weights and their IEEE fp16 values, computed in float32.
+
+    4 bytes per kept weight and no work per pruned one, where :class:`BitmaskLinear` reads
+    2 bytes per kept weight + 1/8 byte per weight and works through every 32 weights: the faster
+    of the two at low densities. Needs ``in_features`` <= 65536 and fp16-exact weights; the
+    outputs equal the dense layer's up to float32 summation order.
+    """
+
+    def __init__(self, idx: torch.Tensor, vals: torch.Tensor, offsets: torch.Tensor, in_features: int,
+                 bias: torch.Tensor | None = None):
+        super().__init__()
+        self.out_features, self.in_features = offsets.numel() - 1, in_features
+        self.register_buffer("idx", idx)  # int16 (uint16 column bits) [kept + 16]
+        self.register_buffer("vals", vals)  # int16 (fp16 bits) [kept + 16]
+        self.register_buffer("offsets", offsets)  # int64 [out + 1]
+        self.register_buffer("bias", bias)
+
+    @classmethod
+    @torch.no_grad()
+    def from_mask_values(cls, mask: torch.Tensor, values: torch.Tensor,
+                         bias: torch.Tensor | None = None) -> Csr16Linear:
+        """From a bool mask [out, in] and the kept values in row-major order (any float dtype,
+        exactly representable in fp16) — no dense weight needed."""
+        rows, cols = mask.shape
+        if cols > 2**16:
+            raise ValueError(f"csr16 layers index columns with 16 bits: in_features must be <= 65536, "
+                             f"got {cols}")
+        offsets = _row_offsets(mask, values)
+        half = _fp16_values(values, "csr16")
+        cols_kept = torch.arange(cols, dtype=torch.int32).expand(rows, cols)[mask.cpu()]
+        idx = torch.from_numpy(np.concatenate([cols_kept.numpy().astype(np.uint16),
+                                               np.zeros(16, np.uint16)]).view(np.int16))
+        vals = torch.cat([half, torch.zeros(16, dtype=torch.float16)]).view(torch.int16)
+        b = None if bias is None else bias.detach().float().clone()
+        return cls(idx, vals, offsets, cols, b)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Csr16Linear:
+        w = linear.weight.detach().cpu()
+        mask = w != 0
+        return cls.from_mask_values(mask, w[mask], linear.bias)
+
+    @property
+    def density(self) -> float:
+        return int(self.offsets[-1]) / (self.in_features * self.out_features)
+
+    def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
+        kept = int(self.offsets[-1])
+        rows = torch.repeat_interleave(torch.arange(self.out_features), self.offsets.diff())
+        return rows, self.idx[:kept].numpy().view(np.uint16).astype(np.int64)
+
+    def kept(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(bool mask [out, in], kept values as fp16 in row-major order)."""
+        rows, cols = self._positions()
+        mask = torch.zeros(self.out_features, self.in_features, dtype=torch.bool)
+        mask[rows, torch.from_numpy(cols)] = True
+        return mask, self.vals[: int(self.offsets[-1])].view(torch.float16)
+
+    @torch.no_grad()
+    def dense_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The weight as a dense float32 [out, in] matrix."""
+        if kernels.available():
+            return kernels.csr16_decompress(self.idx, self.vals, self.offsets, self.out_features,
+                                            self.in_features, out)
+        rows, cols = self._positions()
+        w = torch.zeros(self.out_features, self.in_features) if out is None else out.zero_()
+        w[rows, torch.from_numpy(cols)] = self.vals[: int(self.offsets[-1])].view(torch.float16).float()
+        return w
+
+    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
+        return kernels.csr16_gemv(x, self.idx, self.vals, self.offsets, self.bias, self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, density={self.density:.3f}, values=fp16+uint16 columns")
+
+
 _SCRATCH: dict[str, torch.Tensor] = {}
 
 
-def _scratch_weight(layer: BitmaskLinear) -> torch.Tensor:
+def _scratch_weight(layer: _PackedLinear) -> torch.Tensor:
     """The layer's dense weight in one float32 buffer shared by all bitmask layers (only one layer
     runs at a time), so that prompts cost no memory per layer."""
     need = layer.out_features * layer.in_features
@@ -292,8 +405,12 @@ def is_nm_sparse(weight: torch.Tensor, n: int = 2, m: int = 4) -> bool:
     return bool(((weight.reshape(rows, cols // m, m) != 0).sum(-1) <= n).all())
 
 
-SPARSE_TYPES = (SparseLinear, BitmaskLinear, HalfLinear)
-KERNELS = ("auto", "bitmask", "csr")
+SPARSE_TYPES = (SparseLinear, BitmaskLinear, Csr16Linear, HalfLinear)
+KERNELS = ("auto", "bitmask", "csr16", "csr")
+FORMATS = {"bitmask": BitmaskLinear, "csr16": Csr16Linear, "csr": SparseLinear}
+# Without timing, "auto" takes csr16 for layers keeping at most this fraction and the bitmask
+# above it: where the two cross on the machines measured (bench/README.md).
+CSR16_MAX_DENSITY = 0.2
 
 
 def _decoder_linears(model: nn.Module):
@@ -318,15 +435,15 @@ def _fp16_exact(w: torch.Tensor) -> bool:
 
 
 def _flush_cache(buffer: torch.Tensor) -> None:
-    buffer.add_(1.0)  # touches more memory than the last-level cache holds
+    buffer.sum()  # reads more memory than the last-level cache holds (no dirty lines to write back)
 
 
 @torch.no_grad()
-def decode_seconds(layers: Sequence[nn.Module], in_features: int, repeats: int = 9,
+def decode_seconds(layers: Sequence[nn.Module], in_features: int, repeats: int = 15,
                    flush: torch.Tensor | None = None) -> list[float]:
-    """Seconds of a one-token product with each of ``layers`` — the fastest of ``repeats`` calls,
-    which other work on the machine can only slow down —, the layers taking turns, each call from
-    a cold cache (as in decoding, where every layer's weights come from memory once per token)."""
+    """Seconds of a one-token product with each of ``layers`` — the median of ``repeats`` calls
+    —, the layers taking turns, each call from a cold cache (as in decoding, where every layer's
+    weights come from memory once per token)."""
     x = torch.randn(1, in_features)
     times = [[] for _ in layers]
     for _ in range(repeats):
@@ -336,7 +453,7 @@ def decode_seconds(layers: Sequence[nn.Module], in_features: int, repeats: int =
             t0 = time.perf_counter()
             layer(x)
             times[k].append(time.perf_counter() - t0)
-    return [min(t) for t in times]
+    return [statistics.median(t) for t in times]
 
 
 def _is_candidate(kept: int, numel: int, max_density: float) -> bool:
@@ -346,24 +463,28 @@ def _is_candidate(kept: int, numel: int, max_density: float) -> bool:
 
 
 class _Timings:
-    """The measured choice between a sparse layer and its dense equivalent: one-token products
-    of both timed from a cold cache (:func:`decode_seconds`), once per (format, shape, density
-    to 2 places); the sparse one is kept where it was faster. ``measure`` False: always sparse."""
+    """The measured choice among a layer's dense form and its sparse candidates: one-token
+    products of each timed from a cold cache (:func:`decode_seconds`), once per (shape, density
+    to 2 places, candidate formats); the fastest is kept. ``measure`` False: no timing, the
+    first sparse candidate is kept."""
 
     def __init__(self, measure: bool):
-        self.flush = torch.zeros(48 * 2**20 // 4) if measure else None  # 48 MB: more than the L3 cache
-        self.verdict: dict[tuple, bool] = {}
+        self.flush = torch.zeros(64 * 2**20 // 4) if measure else None  # 64 MB: more than the L3 cache
+        self.verdict: dict[tuple, str] = {}
 
-    def sparse_is_faster(self, fmt: str, dense, sparse: nn.Module, kept: int) -> bool:
-        """``dense``: the dense layer, or a function that builds it (called only to time it)."""
+    def fastest(self, dense, candidates: dict, shape: tuple[int, int], kept: int) -> str:
+        """The format to keep for a layer of ``shape`` (out, in) keeping ``kept`` weights:
+        ``"dense"`` or a key of ``candidates`` (format → sparse layer, or a function that builds
+        it). ``dense``: the dense layer, or a function that builds it. Layers are built only
+        when timed."""
         if self.flush is None:
-            return True
-        shape = (sparse.out_features, sparse.in_features)
-        key = (fmt, shape, round(kept / (shape[0] * shape[1]), 2))
+            return next(iter(candidates))
+        key = (shape, round(kept / (shape[0] * shape[1]), 2), tuple(candidates))
         if key not in self.verdict:
-            layer = dense() if callable(dense) and not isinstance(dense, nn.Module) else dense
-            dense_s, sparse_s = decode_seconds([layer, sparse], sparse.in_features, flush=self.flush)
-            self.verdict[key] = sparse_s < dense_s
+            layers = {k: v() if callable(v) and not isinstance(v, nn.Module) else v
+                      for k, v in {"dense": dense, **candidates}.items()}
+            seconds = decode_seconds(list(layers.values()), shape[1], flush=self.flush)
+            self.verdict[key] = min(zip(seconds, layers), key=lambda t: t[0])[1]
         return self.verdict[key]
 
 
@@ -373,14 +494,22 @@ def _check_choice_args(kernel: str, max_density) -> None:
         raise ValueError(f"max_density must be a number in [0, 1] (kept fraction), got {max_density!r}")
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
-    if kernel == "bitmask" and not kernels.available():
-        raise ValueError(f"kernel='bitmask' needs the compiled CPU kernels: {kernels.build_error()}")
+    if kernel in ("bitmask", "csr16") and not kernels.available():
+        raise ValueError(f"kernel={kernel!r} needs the compiled CPU kernels: {kernels.build_error()}")
 
 
-def _make_sparse(layer: nn.Linear, kernel: str) -> nn.Module:
-    if kernel == "bitmask":
-        return BitmaskLinear.from_linear(layer)
-    return SparseLinear.from_linear(layer)
+def _candidates(kernel: str, fp16_exact: bool, density: float, cols: int, measure: bool) -> list[str]:
+    """The sparse formats to consider for one layer, preferred first. "auto": bitmask and csr16
+    where the kernels exist and the weights are exactly fp16 (both timed with ``measure``, else
+    csr16 up to :data:`CSR16_MAX_DENSITY`, the bitmask above), else CSR."""
+    if kernel != "auto":
+        return [kernel]
+    if not (kernels.available() and fp16_exact):
+        return ["csr"]
+    order = ["csr16", "bitmask"] if density <= CSR16_MAX_DENSITY else ["bitmask", "csr16"]
+    if cols > 2**16:
+        order.remove("csr16")
+    return order if measure else order[:1]
 
 
 @torch.no_grad()
@@ -390,14 +519,16 @@ def sparsify_for_inference(
 ) -> nn.Module:
     """Convert the pruned linear layers of ``model`` in place to sparse kernels; returns it.
 
-    kernel: ``"bitmask"`` (fp16 values + a 1-bit mask, :class:`BitmaskLinear`: needs weights
-        exactly representable in fp16, as a model loaded from a compact checkpoint has, and the
-        compiled kernels), ``"csr"`` (torch's CSR kernels on float32, :class:`SparseLinear`), or
-        ``"auto"`` (bitmask where possible, else CSR).
+    kernel: ``"bitmask"`` (fp16 values + a 1-bit mask, :class:`BitmaskLinear`), ``"csr16"``
+        (fp16 values + 16-bit column indices, :class:`Csr16Linear`) — both need weights exactly
+        representable in fp16, as a model loaded from a compact checkpoint has, and the compiled
+        kernels —, ``"csr"`` (torch's CSR kernels on float32, :class:`SparseLinear`), or
+        ``"auto"`` (bitmask or csr16 where possible — with ``measure`` the faster, else csr16 up
+        to density :data:`CSR16_MAX_DENSITY` —, else CSR).
     max_density: only layers keeping at most this fraction are candidates; in [0, 1].
-    measure: time one-token products of each candidate against the dense layer, from a cold
-        cache, and keep whichever is faster (layers of the same shape and density are timed
-        once), so no layer gets slower; False converts every candidate.
+    measure: time one-token products of the dense layer and each sparse candidate, from a cold
+        cache, and keep the fastest (layers of the same shape and density are timed once), so
+        no layer gets slower; False converts every candidate layer.
     half_dense: also store the layers that stay dense, and ``lm_head``, in fp16 (computed in
         float32, :class:`HalfLinear`) where their weights are exactly fp16 — the same numbers,
         half the bytes read per token. This gain comes from 16-bit storage, not from sparsity.
@@ -442,12 +573,11 @@ def sparsify_for_inference(
         kept = torch.count_nonzero(w).item()
         if not _is_candidate(kept, w.numel(), max_density):
             continue
-        chosen = kernel
-        if kernel == "auto":
-            chosen = "bitmask" if kernels.available() and _fp16_exact(w) else "csr"
-        sparse = _make_sparse(layer, chosen)
-        if timings.sparse_is_faster(chosen, layer, sparse, kept):
-            setattr(parent, attr, sparse)
+        formats = _candidates(kernel, _fp16_exact(w), kept / w.numel(), w.shape[1], measure)
+        built = {f: FORMATS[f].from_linear(layer) for f in formats}
+        chosen = timings.fastest(layer, built, tuple(w.shape), kept)
+        if chosen != "dense":
+            setattr(parent, attr, built[chosen])
     if half_dense and kernels.available():
         _halve_dense_layers(model)
     return model
@@ -458,8 +588,9 @@ def layer_from_kept(mask: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
                     kernel: str = "auto", max_density: float = 1.0) -> nn.Module:
     """The inference layer for a pruned weight given as its bool mask [out, in] and kept values
     (row-major), by the rule of :func:`sparsify_for_inference` without the timing: a
-    :class:`BitmaskLinear` (``kernel`` "bitmask", or "auto" where the compiled kernels exist and
-    the values are exactly fp16) or a :class:`SparseLinear` ("csr", or "auto" otherwise), built
+    :class:`BitmaskLinear` or :class:`Csr16Linear` (``kernel`` "bitmask" / "csr16", or "auto"
+    where the compiled kernels exist and the values are exactly fp16: csr16 up to density
+    :data:`CSR16_MAX_DENSITY`) or a :class:`SparseLinear` ("csr", or "auto" otherwise), built
     with no dense weight; a dense float32 ``nn.Linear`` where the layer keeps more than
     ``max_density`` of its weights, or all of them. Zero values are dropped from the mask, as
     :func:`sparsify_for_inference` keeps the nonzero weights. Time the result against dense with
@@ -481,34 +612,44 @@ def layer_from_kept(mask: torch.Tensor, values: torch.Tensor, bias: torch.Tensor
         if bias is not None:
             layer.bias = nn.Parameter(bias.detach().float().clone())
         return layer
-    if kernel == "auto":
-        kernel = "bitmask" if kernels.available() and _fp16_exact(values) else "csr"
-    if kernel == "bitmask":
-        return BitmaskLinear.from_mask_values(mask, values, bias)
-    return SparseLinear.from_mask_values(mask, values, bias)
+    fmt = _candidates(kernel, _fp16_exact(values), values.numel() / (rows * cols), cols, measure=False)[0]
+    return FORMATS[fmt].from_mask_values(mask, values, bias)
 
 
 @torch.no_grad()
 def keep_faster(model: nn.Module, max_density: float = 1.0, measure: bool = True,
-                half_dense: bool = False) -> nn.Module:
+                half_dense: bool = False, kernel: str = "auto") -> nn.Module:
     """The choice of :func:`sparsify_for_inference` for a model whose pruned layers are sparse
-    already (:class:`BitmaskLinear` / :class:`SparseLinear`, e.g. from
+    already (:class:`BitmaskLinear` / :class:`Csr16Linear` / :class:`SparseLinear`, e.g. from
     ``checkpoint.load_pruned(..., sparse=True)``): a layer keeping more than ``max_density`` (or
-    all) of its weights, and with ``measure`` one whose one-token product times slower than its
-    dense equivalent's (built for the timing only, once per format, shape and density), becomes a
-    dense ``nn.Linear`` again; ``half_dense`` then stores the dense layers and ``lm_head`` in fp16
-    where exact (:class:`HalfLinear`). In place; returns the model."""
-    _check_choice_args("auto", max_density)
+    all) of its weights becomes a dense ``nn.Linear`` again; with ``measure``, its one-token
+    product is timed against its dense equivalent's and, for ``kernel`` "auto" and fp16 layers,
+    against the other fp16 format (both built from the layer for the timing only, once per
+    shape and density), and the fastest is kept; ``half_dense`` then stores the dense layers and
+    ``lm_head`` in fp16 where exact (:class:`HalfLinear`). In place; returns the model."""
+    _check_choice_args(kernel, max_density)
     timings = _Timings(measure)
     for parent, attr, _name, layer in list(_decoder_linears(model)):
-        if not isinstance(layer, (BitmaskLinear, SparseLinear)):
+        if not isinstance(layer, (BitmaskLinear, Csr16Linear, SparseLinear)):
             continue
-        fmt = "bitmask" if isinstance(layer, BitmaskLinear) else "csr"
+        fmt = next(f for f, cls in FORMATS.items() if isinstance(layer, cls))
         numel = layer.in_features * layer.out_features
         kept = round(layer.density * numel)
-        if not (_is_candidate(kept, numel, max_density)
-                and timings.sparse_is_faster(fmt, layer.to_linear, layer, kept)):
+        if not _is_candidate(kept, numel, max_density):
             setattr(parent, attr, layer.to_linear())
+            continue
+        formats = [fmt]
+        if kernel == "auto" and fmt != "csr" and measure:
+            other = _candidates("auto", True, kept / numel, layer.in_features, True)
+            formats += [f for f in other if f != fmt]
+        candidates = {f: layer if f == fmt else
+                      (lambda f=f, layer=layer: FORMATS[f].from_mask_values(*layer.kept(), layer.bias))
+                      for f in formats}
+        chosen = timings.fastest(layer.to_linear, candidates, (layer.out_features, layer.in_features), kept)
+        if chosen == "dense":
+            setattr(parent, attr, layer.to_linear())
+        elif chosen != fmt:
+            setattr(parent, attr, candidates[chosen]())
     if half_dense and kernels.available():
         _halve_dense_layers(model)
     return model
@@ -551,12 +692,14 @@ def densify(model: nn.Module) -> nn.Module:
 
 def inference_formats(model: nn.Module) -> pd.DataFrame:
     """One row per decoder linear layer: its storage format (``dense``, ``fp16``, ``bitmask``,
-    ``csr``, ``semi_structured_2:4``), density and sparsity."""
+    ``csr16``, ``csr``, ``semi_structured_2:4``), density and sparsity."""
     rows = []
     for parent, attr, name, layer in _decoder_linears(model):
         child = getattr(parent, attr)
         if isinstance(child, BitmaskLinear):
             fmt, density = "bitmask", child.density
+        elif isinstance(child, Csr16Linear):
+            fmt, density = "csr16", child.density
         elif isinstance(child, SparseLinear):
             fmt, density = "csr", child.density
         elif isinstance(child, HalfLinear):

@@ -14,6 +14,7 @@ from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
 from sparsegpt_utils.sparse_inference import (
     BitmaskLinear,
+    Csr16Linear,
     HalfLinear,
     SparseLinear,
     densify,
@@ -69,47 +70,84 @@ def _fp16_sparse(rows, cols, density, seed=0):
     return w * (torch.rand(rows, cols, generator=g) < density)
 
 
+@pytest.mark.parametrize("cls", [BitmaskLinear, Csr16Linear], ids=["bitmask", "csr16"])
 @pytest.mark.parametrize("density", [0.0, 0.1, 0.5, 1.0])
 @pytest.mark.parametrize("shape", [(48, 40), (7, 33), (64, 576), (3, 1)])
 @pytest.mark.parametrize("tokens", [1, 5])
-def test_bitmask_linear_matches_float64_reference(density, shape, tokens):
+def test_fp16_sparse_linear_matches_float64_reference(cls, density, shape, tokens):
     w = _fp16_sparse(*shape, density)
     bias = torch.randn(shape[0])
-    layer = BitmaskLinear.from_mask_values(w != 0, w[w != 0], bias)
+    layer = cls.from_mask_values(w != 0, w[w != 0], bias)
     x = torch.randn(2, tokens, shape[1])
     ref = x.double() @ w.double().T + bias.double()
-    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-5)
+    # float32 sums of up to 576 products of size ~1: rounding grows with the length
+    torch.testing.assert_close(layer(x).double(), ref, rtol=1e-5, atol=1e-6 * max(shape[1], 10))
     assert torch.equal(layer.dense_weight(), w)  # the stored weight is exactly the input
     assert layer.density == pytest.approx((w != 0).float().mean().item())
+    mask, values = layer.kept()
+    assert torch.equal(mask, w != 0) and torch.equal(values.float(), w[w != 0])
 
 
-def test_bitmask_linear_without_the_compiled_kernels(monkeypatch):
+def test_csr16_indexes_columns_past_32767():
+    """Column indices are unsigned 16-bit: a layer 40000 wide computes with its last columns."""
+    w = torch.zeros(3, 40000)
+    w[0, 39999], w[1, 32768], w[1, 5], w[2, 40000 - 17:] = 2.0, -1.5, 0.25, 0.5
+    layer = Csr16Linear.from_mask_values(w != 0, w[w != 0])
+    x = torch.randn(40000)
+    torch.testing.assert_close(layer(x[None]).double()[0], w.double() @ x.double(), rtol=1e-6, atol=1e-6)
+    assert torch.equal(layer.dense_weight(), w)
+    with pytest.raises(ValueError, match="in_features must be <= 65536"):
+        Csr16Linear.from_mask_values(torch.ones(1, 70000, dtype=torch.bool), torch.ones(70000))
+
+
+@pytest.mark.parametrize("cls", [BitmaskLinear, Csr16Linear], ids=["bitmask", "csr16"])
+def test_fp16_sparse_linear_without_the_compiled_kernels(monkeypatch, cls):
     """Where no C compiler is found, the same layer runs on torch's kernels, with the same result."""
     w = _fp16_sparse(40, 70, 0.3)
-    layer = BitmaskLinear.from_mask_values(w != 0, w[w != 0])
+    layer = cls.from_mask_values(w != 0, w[w != 0])
     x = torch.randn(1, 70)
     monkeypatch.setattr(kernels, "available", lambda: False)
     assert torch.equal(layer.dense_weight(), w)
     torch.testing.assert_close(layer(x).double(), x.double() @ w.double().T, rtol=1e-5, atol=1e-5)
 
 
+def _cpu_has(*flags):
+    try:
+        text = open("/proc/cpuinfo").read()
+    except OSError:
+        return False
+    words = set(next((line for line in text.splitlines() if line.startswith("flags")), "").split())
+    return all(f in words for f in flags)
+
+
 @pytest.mark.skipif(kernels.load() is None, reason="no C compiler")
-def test_portable_kernel_path_agrees_with_the_native_one(tmp_path):
-    """The C code without CPU-specific instructions (what a machine without AVX-512 runs) gives
-    the native build's results."""
-    portable = kernels.bind(kernels.compile_library(tmp_path / "portable.so", native=False))
-    assert portable.sgpt_has_avx512() == 0
-    w = _fp16_sparse(37, 100, 0.4, seed=3)
-    layer = BitmaskLinear.from_mask_values(w != 0, w[w != 0], torch.randn(37))
-    x = torch.nn.functional.pad(torch.randn(100), (0, 28))
-    ref = x[:100].double() @ w.double().T + layer.bias.double()
-    got = kernels.gemv(x, layer.masks, layer.values, layer.offsets, layer.bias, 37, lib=portable)
-    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
-    dense = kernels.decompress(layer.masks, layer.values, layer.offsets, 37, 100, lib=portable)
-    assert torch.equal(dense, w)
-    half = w.half().view(torch.int16)
-    torch.testing.assert_close(kernels.half_gemv(x[:100].contiguous(), half, lib=portable).double(),
-                               x[:100].double() @ w.double().T, rtol=1e-5, atol=1e-5)
+@pytest.mark.parametrize("isa", ["portable", "avx2"])
+def test_other_kernel_paths_agree_with_float64(tmp_path, isa):
+    """The C code built for other CPUs — no CPU-specific instructions, or AVX2 without AVX-512 —
+    gives the float64 reference's results, on rows of every length (empty, shorter and longer
+    than a vector, with tails)."""
+    if isa == "avx2" and not _cpu_has("avx2", "f16c", "fma"):
+        pytest.skip("this CPU cannot run AVX2 code")
+    lib = kernels.bind(kernels.compile_library(tmp_path / f"{isa}.so", isa=isa))
+    assert lib.sgpt_isa() == {"portable": 0, "avx2": 1}[isa]
+    for rows, cols, density in ((37, 100, 0.4), (19, 70, 0.05), (9, 130, 0.9)):
+        w = _fp16_sparse(rows, cols, density, seed=cols)
+        w[3] = 0  # an empty row
+        bias = torch.randn(rows)
+        bm = BitmaskLinear.from_mask_values(w != 0, w[w != 0], bias)
+        cs = Csr16Linear.from_mask_values(w != 0, w[w != 0], bias)
+        words = bm.masks.shape[1]
+        x = torch.nn.functional.pad(torch.randn(cols), (0, 32 * words - cols))
+        ref = x[:cols].double() @ w.double().T + bias.double()
+        got = kernels.gemv(x, bm.masks, bm.values, bm.offsets, bias, rows, lib=lib)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        got = kernels.csr16_gemv(x[:cols].contiguous(), cs.idx, cs.vals, cs.offsets, bias, rows, lib=lib)
+        torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(kernels.decompress(bm.masks, bm.values, bm.offsets, rows, cols, lib=lib), w)
+        assert torch.equal(kernels.csr16_decompress(cs.idx, cs.vals, cs.offsets, rows, cols, lib=lib), w)
+        half = w.half().view(torch.int16)
+        torch.testing.assert_close(kernels.half_gemv(x[:cols].contiguous(), half, lib=lib).double(),
+                                   x[:cols].double() @ w.double().T, rtol=1e-5, atol=1e-5)
 
 
 def test_bitmask_needs_fp16_exact_weights():
@@ -174,10 +212,13 @@ def test_bitmask_model_matches_dense_and_round_trips(make):
         assert type(a) is nn.Linear and torch.equal(a.weight, b.weight)
 
 
-def test_auto_kernel_takes_bitmask_only_for_fp16_exact_weights():
+def test_auto_kernel_takes_fp16_formats_only_for_fp16_exact_weights():
     model = _magnitude_pruned(tiny_llama, 0.3)
     sparsify_for_inference(model, measure=False)
     assert set(inference_formats(model)["format"]) == {"bitmask" if kernels.available() else "csr"}
+    low = _magnitude_pruned(tiny_llama, 0.1)  # below CSR16_MAX_DENSITY: csr16
+    sparsify_for_inference(low, measure=False)
+    assert set(inference_formats(low)["format"]) == {"csr16" if kernels.available() else "csr"}
     raw = tiny_llama()  # float32 weights that fp16 cannot hold exactly
     prune_model(raw, None, PruneConfig(method="magnitude", density=0.3), progress=False)
     sparsify_for_inference(raw, measure=False)
@@ -186,7 +227,7 @@ def test_auto_kernel_takes_bitmask_only_for_fp16_exact_weights():
 
 def test_measured_choice_keeps_the_faster_of_sparse_and_dense(monkeypatch):
     """With measure=True a layer becomes sparse only where its one-token product timed faster."""
-    def fake_seconds(layers, in_features, repeats=9, flush=None):
+    def fake_seconds(layers, in_features, repeats=15, flush=None):
         sparse = 0.5 if in_features == 64 else 2.0
         return [1.0 if isinstance(layer, nn.Linear) else sparse for layer in layers]
 
@@ -197,6 +238,25 @@ def test_measured_choice_keeps_the_faster_of_sparse_and_dense(monkeypatch):
     wide = {n for n, m in pruned_linears(_magnitude_pruned(tiny_llama, 0.3)).items() if m.in_features == 64}
     assert {n for n, f in formats.items() if f == "csr"} == wide
     assert (formats.drop(index=list(wide)) == "dense").all()
+
+
+@needs_kernels
+def test_measured_choice_takes_the_fastest_of_dense_bitmask_and_csr16(monkeypatch):
+    """"auto" with measure=True times dense, bitmask and csr16 and keeps the fastest of the three."""
+    def fake_seconds(layers, in_features, repeats=15, flush=None):
+        fast = Csr16Linear if in_features == 64 else BitmaskLinear
+        return [1.0 if isinstance(layer, nn.Linear) else 0.2 if isinstance(layer, fast) else 3.0
+                for layer in layers]
+
+    monkeypatch.setattr(sparse_inference, "decode_seconds", fake_seconds)
+    model = _magnitude_pruned(tiny_llama, 0.3)
+    ref = model(torch.arange(6)[None]).logits
+    sparsify_for_inference(model)
+    formats = inference_formats(model).set_index("layer")["format"]
+    wide = {n for n, m in pruned_linears(_magnitude_pruned(tiny_llama, 0.3)).items() if m.in_features == 64}
+    assert {n for n, f in formats.items() if f == "csr16"} == wide
+    assert (formats.drop(index=list(wide)) == "bitmask").all()
+    torch.testing.assert_close(model(torch.arange(6)[None]).logits, ref, rtol=1e-4, atol=1e-4)
 
 
 def test_cached_greedy_decoding_agrees():
@@ -379,7 +439,7 @@ def test_sparse_load_keeps_sparsify_for_inference_choice(tmp_path, monkeypatch):
     """max_density and the measured choice decide as sparsify_for_inference does on the dense load."""
     from sparsegpt_utils.checkpoint import load_pruned
 
-    def fake_seconds(layers, in_features, repeats=9, flush=None):
+    def fake_seconds(layers, in_features, repeats=15, flush=None):
         sparse = 0.5 if in_features == 64 else 2.0
         return [1.0 if isinstance(layer, nn.Linear) else sparse for layer in layers]
 
