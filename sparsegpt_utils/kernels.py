@@ -23,7 +23,7 @@ from .paths import cache_dir
 from .results import write_atomic
 
 __all__ = ["load", "available", "build_error", "compile_library", "bind", "gemv", "decompress", "half_gemv",
-           "csr16_gemv", "csr16_decompress", "isa", "threads", "ISA_FLAGS"]
+           "csr16_gemv", "csr16_decompress", "isa", "pointers", "threads", "ISA_FLAGS"]
 
 SOURCE = Path(__file__).with_name("csrc") / "bitmask_linear.c"
 _lib: ctypes.CDLL | None = None
@@ -127,6 +127,14 @@ def threads() -> int:
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def pointers(*tensors: torch.Tensor | None) -> tuple[int | None, ...]:
+    """The data pointers of contiguous CPU tensors (None for None), to bind into a kernel call."""
+    for t in tensors:
+        if t is not None and not (t.device.type == "cpu" and t.is_contiguous()):
+            raise ValueError("the kernels need contiguous CPU tensors")
+    return tuple(_ptr(t) for t in tensors)
 
 
 def gemv(x: torch.Tensor, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor,

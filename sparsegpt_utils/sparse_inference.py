@@ -145,9 +145,28 @@ class _PackedLinear(nn.Module):
 
     in_features: int
     out_features: int
+    _kernel_call = None  # (x pointer, y pointer) -> None, bound to this layer's buffers
+
+    def _bind_kernel(self):
+        """The compiled kernel with this layer's buffers bound: a function of the input's and the
+        output's data pointers (threads as torch's setting at the call)."""
+        raise NotImplementedError
+
+    def _apply(self, fn, *args, **kwargs):  # .to(), .float(), ... may move the buffers
+        self._kernel_call = None
+        return super()._apply(fn, *args, **kwargs)
+
+    def __setattr__(self, name, value):  # a buffer replaced: bind again
+        super().__setattr__(name, value)
+        if name in self.__dict__.get("_buffers", ()):
+            self.__dict__["_kernel_call"] = None
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
-        raise NotImplementedError
+        if self._kernel_call is None:
+            self._kernel_call = self._bind_kernel()
+        y = torch.empty(self.out_features)
+        self._kernel_call(x.data_ptr(), y.data_ptr())
+        return y
 
     def dense_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -248,9 +267,15 @@ class BitmaskLinear(_PackedLinear):
 
     def _gemv(self, x: torch.Tensor) -> torch.Tensor:
         words = self.masks.shape[1]
-        if words * 32 != self.in_features:
+        if words * 32 != self.in_features:  # the kernel reads x in whole words of 32
             x = nn.functional.pad(x, (0, words * 32 - self.in_features))
-        return kernels.gemv(x, self.masks, self.values, self.offsets, self.bias, self.out_features)
+        return super()._gemv(x)
+
+    def _bind_kernel(self):
+        fn = kernels.load().bitmask_gemv
+        ptrs = kernels.pointers(self.masks, self.values, self.offsets, self.bias)
+        rows, words = self.out_features, self.masks.shape[1]
+        return lambda x, y: fn(x, *ptrs, y, rows, words, torch.get_num_threads())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "
@@ -328,8 +353,10 @@ class Csr16Linear(_PackedLinear):
         w[rows, torch.from_numpy(cols)] = self.vals[: int(self.offsets[-1])].view(torch.float16).float()
         return w
 
-    def _gemv(self, x: torch.Tensor) -> torch.Tensor:
-        return kernels.csr16_gemv(x, self.idx, self.vals, self.offsets, self.bias, self.out_features)
+    def _bind_kernel(self):
+        fn, ptrs = kernels.load().csr16_gemv, kernels.pointers(self.idx, self.vals, self.offsets, self.bias)
+        rows = self.out_features
+        return lambda x, y: fn(x, *ptrs, y, rows, torch.get_num_threads())
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -88,6 +88,24 @@ def test_fp16_sparse_linear_matches_float64_reference(cls, density, shape, token
     assert torch.equal(mask, w != 0) and torch.equal(values.float(), w[w != 0])
 
 
+@needs_kernels
+@pytest.mark.parametrize("cls", [BitmaskLinear, Csr16Linear], ids=["bitmask", "csr16"])
+def test_fp16_sparse_layer_follows_its_buffers(cls):
+    """The kernel call binds the layer's buffers once; replacing or moving them binds again."""
+    w1, w2 = _fp16_sparse(16, 64, 0.3, seed=1), _fp16_sparse(16, 64, 0.3, seed=2)
+    layer = cls.from_mask_values(w1 != 0, w1[w1 != 0], torch.zeros(16))
+    x = torch.randn(1, 64)
+    torch.testing.assert_close(layer(x), x @ w1.T, rtol=1e-5, atol=1e-5)
+    other = cls.from_mask_values(w2 != 0, w2[w2 != 0], torch.ones(16))
+    for name, buf in other.named_buffers():
+        setattr(layer, name, buf)
+    torch.testing.assert_close(layer(x), x @ w2.T + 1, rtol=1e-5, atol=1e-5)
+    layer.bias = None
+    torch.testing.assert_close(layer(x), x @ w2.T, rtol=1e-5, atol=1e-5)
+    layer.to(torch.float32)  # _apply: same numbers after a move
+    torch.testing.assert_close(layer(x), x @ w2.T, rtol=1e-5, atol=1e-5)
+
+
 def test_csr16_indexes_columns_past_32767():
     """Column indices are unsigned 16-bit: a layer 40000 wide computes with its last columns."""
     w = torch.zeros(3, 40000)
