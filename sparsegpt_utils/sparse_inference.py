@@ -22,7 +22,6 @@ import inspect
 import statistics
 import time
 import warnings
-from collections.abc import Sequence
 
 import numpy as np
 import pandas as pd
@@ -461,26 +460,19 @@ def _fp16_exact(w: torch.Tensor) -> bool:
     return bool(torch.equal(w.to(torch.float16).to(w.dtype), w))
 
 
-def _flush_cache(buffer: torch.Tensor) -> None:
-    buffer.sum()  # reads more memory than the last-level cache holds (no dirty lines to write back)
-
-
 @torch.no_grad()
-def decode_seconds(layers: Sequence[nn.Module], in_features: int, repeats: int = 15,
-                   flush: torch.Tensor | None = None) -> list[float]:
-    """Seconds of a one-token product with each of ``layers`` — the median of ``repeats`` calls
-    —, the layers taking turns, each call from a cold cache (as in decoding, where every layer's
-    weights come from memory once per token)."""
-    x = torch.randn(1, in_features)
-    times = [[] for _ in layers]
+def step_seconds(model: nn.Module, repeats: int = 5) -> float:
+    """Seconds of the compute of one decoding step: a one-token forward pass of ``model`` (no
+    cache; every weight is read once, as in decoding) — the fastest of ``repeats`` after a warm-up
+    call, since other work on the machine can only slow it down."""
+    ids = torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device)
+    model(input_ids=ids, use_cache=False)
+    times = []
     for _ in range(repeats):
-        for k, layer in enumerate(layers):
-            if flush is not None:
-                _flush_cache(flush)
-            t0 = time.perf_counter()
-            layer(x)
-            times[k].append(time.perf_counter() - t0)
-    return [statistics.median(t) for t in times]
+        t0 = time.perf_counter()
+        model(input_ids=ids, use_cache=False)
+        times.append(time.perf_counter() - t0)
+    return min(times)
 
 
 def _is_candidate(kept: int, numel: int, max_density: float) -> bool:
@@ -489,30 +481,56 @@ def _is_candidate(kept: int, numel: int, max_density: float) -> bool:
     return not (kept > max_density * numel + 1 or kept == numel)
 
 
-class _Timings:
-    """The measured choice among a layer's dense form and its sparse candidates: one-token
-    products of each timed from a cold cache (:func:`decode_seconds`), once per (shape, density
-    to 2 places, candidate formats); the fastest is kept. ``measure`` False: no timing, the
-    first sparse candidate is kept."""
+class _Choice:
+    """One layer's options: format → module, or a function that builds it (built when tried)."""
 
-    def __init__(self, measure: bool):
-        self.flush = torch.zeros(64 * 2**20 // 4) if measure else None  # 64 MB: more than the L3 cache
-        self.verdict: dict[tuple, str] = {}
+    def __init__(self, parent: nn.Module, attr: str, options: dict, key: tuple):
+        self.parent, self.attr, self.options, self.key = parent, attr, options, key
 
-    def fastest(self, dense, candidates: dict, shape: tuple[int, int], kept: int) -> str:
-        """The format to keep for a layer of ``shape`` (out, in) keeping ``kept`` weights:
-        ``"dense"`` or a key of ``candidates`` (format → sparse layer, or a function that builds
-        it). ``dense``: the dense layer, or a function that builds it. Layers are built only
-        when timed."""
-        if self.flush is None:
-            return next(iter(candidates))
-        key = (shape, round(kept / (shape[0] * shape[1]), 2), tuple(candidates))
-        if key not in self.verdict:
-            layers = {k: v() if callable(v) and not isinstance(v, nn.Module) else v
-                      for k, v in {"dense": dense, **candidates}.items()}
-            seconds = decode_seconds(list(layers.values()), shape[1], flush=self.flush)
-            self.verdict[key] = min(zip(seconds, layers), key=lambda t: t[0])[1]
-        return self.verdict[key]
+    def use(self, fmt: str) -> None:
+        option = self.options[fmt]
+        if callable(option) and not isinstance(option, nn.Module):
+            option = self.options[fmt] = option()
+        setattr(self.parent, self.attr, option)
+
+    def drop(self, fmt: str) -> None:
+        if isinstance(self.options[fmt], nn.Module):
+            self.options[fmt] = None  # free it: the choice is made
+
+
+@torch.no_grad()
+def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool) -> None:
+    """Put each layer in its fastest format, measured in the model itself: layers of the same
+    shape, density (to 1 place) and options form a group; each of the group's formats is tried in
+    turn for all its layers at once and the model's one-token step timed (:func:`step_seconds`),
+    the rest of the model as chosen so far; the fastest stays. Timing inside the model measures
+    what decoding costs (each layer's weights arrive from memory while the model runs), which
+    single layers timed from a flushed cache did not predict. ``measure`` False: every layer
+    takes its first option."""
+    for c in choices:
+        c.use(next(iter(c.options)))
+    if not measure:
+        return
+    groups: dict[tuple, list[_Choice]] = {}
+    for c in choices:
+        groups.setdefault(c.key, []).append(c)
+    for members in groups.values():
+        formats = list(members[0].options)
+        if len(formats) < 2:
+            continue
+        best, best_s = None, float("inf")
+        for fmt in formats:
+            for c in members:
+                c.use(fmt)
+            seconds = step_seconds(model)
+            loser = fmt
+            if seconds < best_s:
+                loser, best, best_s = best, fmt, seconds
+            if loser is not None:
+                for c in members:
+                    c.drop(loser)
+        for c in members:
+            c.use(best)
 
 
 def _check_choice_args(kernel: str, max_density) -> None:
@@ -582,7 +600,9 @@ def sparsify_for_inference(
             raise ValueError(f"{name}: sparse layers on CPU compute in float32; the model is {w.dtype}: "
                              "convert it with .float() first")
 
-    timings = _Timings(measure)
+    if half_dense and kernels.available():
+        _halve_dense_layers(model, blocks=False)  # lm_head first: the timings see the final model
+    choices = []
     for parent, attr, name, layer in layers:
         if not isinstance(layer, nn.Linear) or _is_semi_structured(layer.weight):
             continue
@@ -601,13 +621,29 @@ def sparsify_for_inference(
         if not _is_candidate(kept, w.numel(), max_density):
             continue
         formats = _candidates(kernel, _fp16_exact(w), kept / w.numel(), w.shape[1], measure)
-        built = {f: FORMATS[f].from_linear(layer) for f in formats}
-        chosen = timings.fastest(layer, built, tuple(w.shape), kept)
-        if chosen != "dense":
-            setattr(parent, attr, built[chosen])
+        options = {formats[0]: FORMATS[formats[0]].from_linear(layer)}
+        options.update({f: (lambda f=f, layer=layer: FORMATS[f].from_linear(layer)) for f in formats[1:]})
+        options["dense"] = _dense_option(layer, half_dense)
+        choices.append(_Choice(parent, attr, options, _group_key(w.shape, kept, options)))
+    _choose_in_model(model, choices, measure)
     if half_dense and kernels.available():
         _halve_dense_layers(model)
     return model
+
+
+def _group_key(shape, kept: int, options: dict) -> tuple:
+    return tuple(shape), round(kept / (shape[0] * shape[1]), 1), tuple(options)
+
+
+def _dense_option(layer: nn.Module, half_dense: bool):
+    """The layer's dense form as decoding would run it — fp16 storage with ``half_dense`` where
+    exact, else float32 — (built when tried)."""
+    def build():
+        dense = layer if isinstance(layer, nn.Linear) else layer.to_linear()
+        if half_dense and kernels.available() and _fp16_exact(dense.weight.detach()):
+            return HalfLinear.from_linear(dense)
+        return dense
+    return build
 
 
 @torch.no_grad()
@@ -655,7 +691,9 @@ def keep_faster(model: nn.Module, max_density: float = 1.0, measure: bool = True
     shape and density), and the fastest is kept; ``half_dense`` then stores the dense layers and
     ``lm_head`` in fp16 where exact (:class:`HalfLinear`). In place; returns the model."""
     _check_choice_args(kernel, max_density)
-    timings = _Timings(measure)
+    if half_dense and kernels.available():
+        _halve_dense_layers(model, blocks=False)  # lm_head first: the timings see the final model
+    choices = []
     for parent, attr, _name, layer in list(_decoder_linears(model)):
         if not isinstance(layer, (BitmaskLinear, Csr16Linear, SparseLinear)):
             continue
@@ -665,27 +703,25 @@ def keep_faster(model: nn.Module, max_density: float = 1.0, measure: bool = True
         if not _is_candidate(kept, numel, max_density):
             setattr(parent, attr, layer.to_linear())
             continue
-        formats = [fmt]
+        options = {fmt: layer}
         if kernel == "auto" and fmt != "csr" and measure:
             other = _candidates("auto", True, kept / numel, layer.in_features, True)
-            formats += [f for f in other if f != fmt]
-        candidates = {f: layer if f == fmt else
-                      (lambda f=f, layer=layer: FORMATS[f].from_mask_values(*layer.kept(), layer.bias))
-                      for f in formats}
-        chosen = timings.fastest(layer.to_linear, candidates, (layer.out_features, layer.in_features), kept)
-        if chosen == "dense":
-            setattr(parent, attr, layer.to_linear())
-        elif chosen != fmt:
-            setattr(parent, attr, candidates[chosen]())
+            options.update({f: (lambda f=f, src=layer: FORMATS[f].from_mask_values(*src.kept(), src.bias))
+                            for f in other if f != fmt})
+        options["dense"] = _dense_option(layer, half_dense)
+        shape = (layer.out_features, layer.in_features)
+        choices.append(_Choice(parent, attr, options, _group_key(shape, kept, options)))
+    _choose_in_model(model, choices, measure)
     if half_dense and kernels.available():
         _halve_dense_layers(model)
     return model
 
 
-def _halve_dense_layers(model: nn.Module) -> None:
-    """Every dense nn.Linear of the blocks, and ``lm_head``, → :class:`HalfLinear` where exact."""
+def _halve_dense_layers(model: nn.Module, blocks: bool = True) -> None:
+    """Every dense nn.Linear of the blocks (``blocks``), and ``lm_head``, → :class:`HalfLinear`
+    where exact."""
     targets = [(parent, attr, layer) for parent, attr, _n, layer in _decoder_linears(model)
-               if isinstance(layer, nn.Linear) and not _is_semi_structured(layer.weight)]
+               if blocks and isinstance(layer, nn.Linear) and not _is_semi_structured(layer.weight)]
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if isinstance(head, nn.Linear):
         targets.append((model, _output_attr(model, head), head))

@@ -243,13 +243,23 @@ def test_auto_kernel_takes_fp16_formats_only_for_fp16_exact_weights():
     assert set(inference_formats(raw)["format"]) == {"csr"}
 
 
+def _fake_step_seconds(monkeypatch, cost):
+    """Time a model's step as the sum of ``cost(layer)`` over its decoder linear layers."""
+    def fake(model, repeats=5):
+        return sum(cost(layer) for *_, layer in sparse_inference._decoder_linears(model))
+
+    monkeypatch.setattr(sparse_inference, "step_seconds", fake)
+
+
+def test_step_seconds_times_a_one_token_forward():
+    model = tiny_llama()
+    assert 0 < sparse_inference.step_seconds(model, repeats=2) < 10
+
+
 def test_measured_choice_keeps_the_faster_of_sparse_and_dense(monkeypatch):
     """With measure=True a layer becomes sparse only where its one-token product timed faster."""
-    def fake_seconds(layers, in_features, repeats=15, flush=None):
-        sparse = 0.5 if in_features == 64 else 2.0
-        return [1.0 if isinstance(layer, nn.Linear) else sparse for layer in layers]
-
-    monkeypatch.setattr(sparse_inference, "decode_seconds", fake_seconds)
+    _fake_step_seconds(monkeypatch, lambda layer: 1.0 if isinstance(layer, (nn.Linear, HalfLinear))
+                       else 0.5 if layer.in_features == 64 else 2.0)
     model = _magnitude_pruned(tiny_llama, 0.3)
     sparsify_for_inference(model, kernel="csr")
     formats = inference_formats(model).set_index("layer")["format"]
@@ -261,12 +271,11 @@ def test_measured_choice_keeps_the_faster_of_sparse_and_dense(monkeypatch):
 @needs_kernels
 def test_measured_choice_takes_the_fastest_of_dense_bitmask_and_csr16(monkeypatch):
     """"auto" with measure=True times dense, bitmask and csr16 and keeps the fastest of the three."""
-    def fake_seconds(layers, in_features, repeats=15, flush=None):
-        fast = Csr16Linear if in_features == 64 else BitmaskLinear
-        return [1.0 if isinstance(layer, nn.Linear) else 0.2 if isinstance(layer, fast) else 3.0
-                for layer in layers]
+    def cost(layer):
+        fast = Csr16Linear if layer.in_features == 64 else BitmaskLinear
+        return 1.0 if isinstance(layer, nn.Linear) else 0.2 if isinstance(layer, fast) else 3.0
 
-    monkeypatch.setattr(sparse_inference, "decode_seconds", fake_seconds)
+    _fake_step_seconds(monkeypatch, cost)
     model = _magnitude_pruned(tiny_llama, 0.3)
     ref = model(torch.arange(6)[None]).logits
     sparsify_for_inference(model)
@@ -457,11 +466,8 @@ def test_sparse_load_keeps_sparsify_for_inference_choice(tmp_path, monkeypatch):
     """max_density and the measured choice decide as sparsify_for_inference does on the dense load."""
     from sparsegpt_utils.checkpoint import load_pruned
 
-    def fake_seconds(layers, in_features, repeats=15, flush=None):
-        sparse = 0.5 if in_features == 64 else 2.0
-        return [1.0 if isinstance(layer, nn.Linear) else sparse for layer in layers]
-
-    monkeypatch.setattr(sparse_inference, "decode_seconds", fake_seconds)
+    _fake_step_seconds(monkeypatch, lambda layer: 1.0 if isinstance(layer, (nn.Linear, HalfLinear))
+                       else 0.5 if layer.in_features == 64 else 2.0)
     folder = _saved(tmp_path, tiny_llama, "d0.5")
     for kw in (dict(kernel="csr"), dict(kernel="csr", max_density=0.3), dict(kernel="auto", half_dense=True)):
         model, _ = load_pruned(folder, sparse=True, **kw)
