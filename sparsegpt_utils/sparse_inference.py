@@ -499,13 +499,13 @@ class _Choice:
 
 
 @torch.no_grad()
-def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool) -> None:
+def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool, rounds: int = 3) -> None:
     """Put each layer in its fastest format, measured in the model itself: layers of the same
-    shape, density (to 1 place) and options form a group; each of the group's formats is tried in
-    turn for all its layers at once and the model's one-token step timed (:func:`step_seconds`),
-    the rest of the model as chosen so far; the fastest stays. Timing inside the model measures
-    what decoding costs (each layer's weights arrive from memory while the model runs), which
-    single layers timed from a flushed cache did not predict. ``measure`` False: every layer
+    shape, density (to 1 place) and options form a group; the group's formats are tried in turn,
+    ``rounds`` times, for all its layers at once, and the model's one-token step timed
+    (:func:`step_seconds`), the rest of the model as chosen so far; the fastest stays. Timing
+    inside the model measures what decoding costs (each layer's weights arrive from memory
+    while the model runs), which single layers timed from a flushed cache did not predict. ``measure`` False: every layer
     takes its first option."""
     for c in choices:
         c.use(next(iter(c.options)))
@@ -518,19 +518,20 @@ def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool) ->
         formats = list(members[0].options)
         if len(formats) < 2:
             continue
-        best, best_s = None, float("inf")
-        for fmt in formats:
-            for c in members:
-                c.use(fmt)
-            seconds = step_seconds(model)
-            loser = fmt
-            if seconds < best_s:
-                loser, best, best_s = best, fmt, seconds
-            if loser is not None:
+        # the formats take turns over several rounds, so that a slow spell of the machine
+        # does not fall on one of them; each keeps its fastest time
+        best = dict.fromkeys(formats, float("inf"))
+        for _ in range(rounds):
+            for fmt in formats:
                 for c in members:
-                    c.drop(loser)
+                    c.use(fmt)
+                best[fmt] = min(best[fmt], step_seconds(model, repeats=3))
+        winner = min(formats, key=best.get)
         for c in members:
-            c.use(best)
+            c.use(winner)
+            for fmt in formats:
+                if fmt != winner:
+                    c.drop(fmt)
 
 
 def _check_choice_args(kernel: str, max_density) -> None:
