@@ -505,8 +505,8 @@ def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool, ro
     ``rounds`` times, for all its layers at once, and the model's one-token step timed
     (:func:`step_seconds`), the rest of the model as chosen so far; the fastest stays. Timing
     inside the model measures what decoding costs (each layer's weights arrive from memory
-    while the model runs), which single layers timed from a flushed cache did not predict. ``measure`` False: every layer
-    takes its first option."""
+    while the model runs), which single layers timed from a flushed cache did not predict.
+    ``measure`` False: every layer takes its first option."""
     for c in choices:
         c.use(next(iter(c.options)))
     if not measure:
