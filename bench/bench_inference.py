@@ -4,15 +4,19 @@ For each setting (a density, or an N:M pattern) smollm2-135m is pruned with per-
 magnitude masks (speed depends on the density and the pattern, not on which weights are kept,
 so magnitude masks stand in for SparseGPT's), saved as a compact checkpoint (fp16 values) and
 loaded back twice: dense (float32 ``nn.Linear``, the baseline) and with
-``sparsify_for_inference`` (bitmask + fp16 kernels, each layer kept sparse only where it measured
-faster). Both run in this process, interleaved: decoding step by step (greedy, KV cache; tokens/s
+``sparsify_for_inference`` (each group of layers in the fastest of dense, bitmask and csr16, timed
+in the model). Both run in this process, interleaved: decoding step by step (greedy, KV cache; tokens/s
 = 1 / median step time) and a prompt of ``--prefill`` tokens (median of repeats). ``agreement``:
 the fraction of greedy tokens the sparse model shares with the dense one.
 
 The memory bound beside each speedup: one decoded token reads every weight once, so the ratio of
-bytes read — dense float32 (4 bytes per weight) against the sparse format (2 bytes per kept weight
-+ 1/8 byte per weight of mask; ``lm_head`` as it is, or fp16 with ``half_dense``) — bounds the
-decode speedup from above, up to what the rest of the model costs.
+bytes read — dense float32 (4 bytes per weight) against the sparse model as built (bitmask: 2
+bytes per kept weight + 1/8 byte per weight of mask; csr16: 4 bytes per kept weight; fp16: 2
+bytes per weight; ``lm_head`` float32, or fp16 with ``half_dense``) — bounds the decode speedup
+from above, before what the rest of the model costs (norms, attention, Python: the same for both).
+Each setting runs with ``half_dense`` off and on: on, ``lm_head`` and any layer left dense are read
+from fp16 (the compact checkpoint stores fp16, so the numbers are the same) — a gain from 16-bit
+storage, not from sparsity, reported in its own rows.
 
     PYTHONPATH=. .venv/bin/python bench/bench_inference.py            # 0.5, 0.3, 0.1, 2:4; 1 and 2 threads
     PYTHONPATH=. .venv/bin/python bench/bench_inference.py --settings 0.5 --threads 1 --repeats 2
@@ -38,6 +42,7 @@ from sparsegpt_utils.models import load_model, pruned_linears  # noqa: E402
 from sparsegpt_utils.prune import PruneConfig, prune_model  # noqa: E402
 from sparsegpt_utils.results import write_csv_atomic  # noqa: E402
 from sparsegpt_utils.sparse_inference import (  # noqa: E402
+    HalfLinear,
     compare_decoding,
     inference_formats,
     sparsify_for_inference,
@@ -47,17 +52,22 @@ PROMPT = ("The history of the city begins in the Roman period, when a small sett
           "around the river crossing. In the centuries that followed,")
 
 
-def bytes_per_token(model, half_dense: bool) -> tuple[int, int]:
-    """(dense float32 bytes, sparse-format bytes) read per decoded token by the pruned layers and
-    ``lm_head`` (embeddings read one row, norms are negligible)."""
-    dense = sparse = 0
-    for layer in pruned_linears(model).values():
-        n = layer.weight.numel()
-        kept = int(torch.count_nonzero(layer.weight))
-        dense += 4 * n
-        sparse += 2 * kept + n // 8
-    head = model.get_output_embeddings().weight.numel()
-    return dense + 4 * head, sparse + (2 if half_dense else 4) * head
+def bytes_per_token(dense_model, sparse_model) -> tuple[int, int]:
+    """(dense float32 bytes, bytes of the sparse model as built) read per decoded token by the
+    decoder's linear layers and ``lm_head`` (embeddings read one row, norms are negligible):
+    float32 4 bytes per weight, fp16 2, bitmask 2 per kept weight + 1/8 per weight, csr16 4 per
+    kept weight."""
+    dense = 4 * sum(m.weight.numel() for m in pruned_linears(dense_model).values())
+    dense += 4 * dense_model.get_output_embeddings().weight.numel()
+    shapes = {name: m.weight.numel() for name, m in pruned_linears(dense_model).items()}
+    per_weight = {"bitmask": lambda d: 2 * d + 1 / 8, "csr16": lambda d: 4 * d, "fp16": lambda d: 2,
+                  "dense": lambda d: 4, "csr": lambda d: 8 * d}
+    sparse = 0.0
+    for row in inference_formats(sparse_model).itertuples():
+        sparse += per_weight[row.format](row.density) * shapes[row.layer]
+    head = sparse_model.get_output_embeddings()
+    sparse += (2 if isinstance(head, HalfLinear) else 4) * head.in_features * head.out_features
+    return dense, round(sparse)
 
 
 @torch.no_grad()
@@ -80,7 +90,8 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill", type=int, default=512, help="prompt tokens for the prefill timing")
     p.add_argument("--repeats", type=int, default=3)
-    p.add_argument("--half-dense", action="store_true", help="also lm_head and dense layers from fp16")
+    p.add_argument("--half-dense", nargs="+", choices=["off", "on"], default=["off", "on"],
+                   help="lm_head and the layers left dense from float32 ('off'), from fp16 ('on'), or both")
     p.add_argument("--out", default="results/bench_inference.csv")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or args.prefill < 2:
@@ -100,18 +111,19 @@ def main(argv=None) -> pd.DataFrame:
             save_pruned(model, Path(tmp) / "ckpt", tok, result.masks, progress=False)
             dense, _ = load_pruned(Path(tmp) / "ckpt", dtype=torch.float32)
         del model
-        dense_bytes, sparse_bytes = bytes_per_token(dense, args.half_dense)
         density = 0.5 if nm else float(setting)
-        for threads in args.threads:
+        for threads, half in [(t, h) for t in args.threads for h in args.half_dense]:
             torch.set_num_threads(threads)
-            sparse = sparsify_for_inference(copy.deepcopy(dense), half_dense=args.half_dense)
+            half_dense = half == "on"
+            sparse = sparsify_for_inference(copy.deepcopy(dense), half_dense=half_dense)
+            dense_bytes, sparse_bytes = bytes_per_token(dense, sparse)
             formats = inference_formats(sparse)["format"].value_counts().to_dict()
             compare_decoding(dense, sparse, prompt, 4)  # warm up
             runs = [compare_decoding(dense, sparse, prompt, args.new_tokens) for _ in range(args.repeats)]
             pre_dense, pre_sparse = prefill_seconds(dense, sparse, long_ids, args.repeats)
             row = {
                 "model": args.model, "masks": "magnitude", "setting": setting, "density": density,
-                "sparsity": 1 - density, "threads": threads, "half_dense": args.half_dense,
+                "sparsity": 1 - density, "threads": threads, "half_dense": half_dense,
                 "layers": ", ".join(f"{n} {f}" for f, n in sorted(formats.items())),
                 "dense_tok_s": round(statistics.median(r["dense_tokens_per_s"] for r in runs), 2),
                 "sparse_tok_s": round(statistics.median(r["sparse_tokens_per_s"] for r in runs), 2),
@@ -132,7 +144,7 @@ def main(argv=None) -> pd.DataFrame:
     table = pd.DataFrame(rows)
     if args.out:
         write_csv_atomic(args.out, table)
-    shown = ["setting", "sparsity", "threads", "dense_tok_s", "sparse_tok_s", "decode_speedup",
+    shown = ["setting", "sparsity", "threads", "half_dense", "dense_tok_s", "sparse_tok_s", "decode_speedup",
              "decode_bound", "prefill_speedup", "agreement", "layers"]
     try:
         print("\n" + table[shown].to_markdown(index=False))
