@@ -1,12 +1,19 @@
 """Run pruned linear layers as sparse matrices, and turn them back into dense ones.
 
-On CPU, a pruned layer whose density (kept fraction) is at most ``max_density`` becomes a
-:class:`SparseLinear` holding its weight in CSR form (int32 indices) and multiplying with
-``torch.sparse`` (MKL on x86). Decoding reads every weight once per token, so it is bound by
-memory traffic: CSR moves 8 bytes per kept weight (value + column index) against 4 bytes per
-weight dense. With the matrix-vector kernel, one-token decoding gained from density 0.5 down
-on the machine measured (``bench/bench_inference.py``); the default threshold 0.3 also
-covers inputs of several tokens, which use the slower sparse × dense kernel.
+Decoding one token reads every weight once, so on CPU it is bound by memory traffic. A pruned
+layer whose weights are exactly fp16 (as in a model loaded from a compact checkpoint) becomes
+
+- :class:`BitmaskLinear`: a 1-bit mask per weight + the kept values in fp16 (2 bytes per kept
+  weight + 1/8 byte per weight), or
+- :class:`Csr16Linear`: the kept values in fp16 with 16-bit column indices (4 bytes per kept
+  weight, no work per pruned weight: the faster one at low density),
+
+both multiplied by the C kernels of :mod:`sparsegpt_utils.kernels` for one token, and expanded
+into a scratch matrix for torch's GEMM for several. Other weights use :class:`SparseLinear`
+(torch's CSR kernels, float32). ``sparsify_for_inference`` times the model's one-token step with
+each group of layers (same shape and density) in each format, dense included, and keeps the
+fastest, so no model gets slower than dense; ``half_dense`` also reads ``lm_head`` and the layers
+left dense from fp16 (:class:`HalfLinear`).
 
 On CUDA, layers whose mask is 2:4 (at most 2 kept in every 4 consecutive input weights) can
 instead keep ``nn.Linear`` with a ``torch.sparse.to_sparse_semi_structured`` weight (fp16 /
@@ -365,14 +372,22 @@ class Csr16Linear(_PackedLinear):
 _SCRATCH: dict[str, torch.Tensor] = {}
 
 
-def _scratch_weight(layer: _PackedLinear) -> torch.Tensor:
-    """The layer's dense weight in one float32 buffer shared by all bitmask layers (only one layer
-    runs at a time), so that prompts cost no memory per layer."""
-    need = layer.out_features * layer.in_features
+_HALF_BLOCK = 4 * 2**20  # weights per block of a HalfLinear's prompt product (16 MB in float32)
+
+
+def _scratch(numel: int) -> torch.Tensor:
+    """One float32 buffer shared by all sparse and fp16 layers (only one layer runs at a time),
+    so that prompts cost no memory per layer."""
     buf = _SCRATCH.get("weight")
-    if buf is None or buf.numel() < need:
-        buf = _SCRATCH["weight"] = torch.empty(need, dtype=torch.float32)
-    return layer.dense_weight(buf[:need].view(layer.out_features, layer.in_features))
+    if buf is None or buf.numel() < numel:
+        buf = _SCRATCH["weight"] = torch.empty(numel, dtype=torch.float32)
+    return buf
+
+
+def _scratch_weight(layer: _PackedLinear) -> torch.Tensor:
+    """The layer's dense weight, in the shared scratch buffer."""
+    need = layer.out_features * layer.in_features
+    return layer.dense_weight(_scratch(need)[:need].view(layer.out_features, layer.in_features))
 
 
 class HalfLinear(nn.Module):
@@ -417,8 +432,20 @@ class HalfLinear(nn.Module):
             y = kernels.half_gemv(x2[0].contiguous(), self.weight16)[None]
             if self.bias is not None:
                 y = y + self.bias
-        else:
+        elif torch.is_grad_enabled() and x2.requires_grad:
             y = nn.functional.linear(x2, self.weight16.view(torch.float16).float(), self.bias)
+        else:  # block by block of output rows through the shared scratch: no float32 copy of W
+            y = torch.empty(x2.shape[0], self.out_features)
+            w16 = self.weight16.view(torch.float16)
+            step = max(1, _HALF_BLOCK // self.in_features)
+            scratch = _scratch(min(step, self.out_features) * self.in_features)
+            for r in range(0, self.out_features, step):
+                n = min(step, self.out_features - r)
+                w = scratch[: n * self.in_features].view(n, self.in_features)
+                w.copy_(w16[r:r + n])
+                y[:, r:r + n] = x2 @ w.T
+            if self.bias is not None:
+                y += self.bias
         return y.reshape(*lead, self.out_features).to(x.dtype)
 
 
@@ -499,11 +526,12 @@ class _Choice:
 
 
 @torch.no_grad()
-def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool, rounds: int = 3) -> None:
+def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool, rounds: int = 5) -> None:
     """Put each layer in its fastest format, measured in the model itself: layers of the same
     shape, density (to 1 place) and options form a group; the group's formats are tried in turn,
     ``rounds`` times, for all its layers at once, and the model's one-token step timed
-    (:func:`step_seconds`), the rest of the model as chosen so far; the fastest stays. Timing
+    (:func:`step_seconds`), the rest of the model as chosen so far; the format with the lowest
+    median over the rounds stays. Timing
     inside the model measures what decoding costs (each layer's weights arrive from memory
     while the model runs), which single layers timed from a flushed cache did not predict.
     ``measure`` False: every layer takes its first option."""
@@ -518,15 +546,15 @@ def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool, ro
         formats = list(members[0].options)
         if len(formats) < 2:
             continue
-        # the formats take turns over several rounds, so that a slow spell of the machine
-        # does not fall on one of them; each keeps its fastest time
-        best = dict.fromkeys(formats, float("inf"))
+        # the formats take turns over several rounds, so that a slow spell of the machine falls
+        # on all of them; each format's time is the median over the rounds of its fastest step
+        times: dict[str, list[float]] = {fmt: [] for fmt in formats}
         for _ in range(rounds):
             for fmt in formats:
                 for c in members:
                     c.use(fmt)
-                best[fmt] = min(best[fmt], step_seconds(model, repeats=3))
-        winner = min(formats, key=best.get)
+                times[fmt].append(step_seconds(model, repeats=3))
+        winner = min(formats, key=lambda fmt: statistics.median(times[fmt]))
         for c in members:
             c.use(winner)
             for fmt in formats:

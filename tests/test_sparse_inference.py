@@ -106,6 +106,21 @@ def test_fp16_sparse_layer_follows_its_buffers(cls):
     torch.testing.assert_close(layer(x), x @ w2.T, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("grad", [False, True])
+def test_half_linear_prompt_in_blocks_matches_float64(monkeypatch, grad):
+    """Several tokens through an fp16 layer go block by block of output rows (a block smaller
+    than the layer here, the last one partial), or through torch where a gradient is wanted."""
+    monkeypatch.setattr(sparse_inference, "_HALF_BLOCK", 7 * 33)
+    w = _fp16_sparse(50, 33, 1.0)
+    layer = HalfLinear(w.half().view(torch.int16), torch.randn(50))
+    x = torch.randn(2, 5, 33, requires_grad=grad)
+    with torch.set_grad_enabled(grad):
+        y = layer(x)
+    ref = x.detach().double() @ w.double().T + layer.bias.double()
+    torch.testing.assert_close(y.detach().double(), ref, rtol=1e-5, atol=1e-5)
+    assert y.requires_grad == grad
+
+
 def test_csr16_indexes_columns_past_32767():
     """Column indices are unsigned 16-bit: a layer 40000 wide computes with its last columns."""
     w = torch.zeros(3, 40000)
