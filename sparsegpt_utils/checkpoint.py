@@ -956,13 +956,15 @@ def load_pruned(directory: str | Path, device: str | torch.device = "cpu",
     ``dtype`` must be None or float32, ``device`` CPU), and each pruned layer becomes, one at a
     time, what :func:`sparse_inference.layer_from_kept` makes of its stored mask and kept values
     (``kernel``, ``max_density`` as in :func:`sparse_inference.sparsify_for_inference`): a
-    :class:`~sparse_inference.BitmaskLinear` of the stored fp16 values, or a CSR layer where they
-    are not exactly fp16 (float32 / bfloat16 storage); a layer denser than ``max_density``, or
-    unpruned, becomes a dense ``nn.Linear``. Quantized layers (codes + scales) are dequantized
-    at their kept positions only (:func:`codec.decode_kept`: the numbers of the dense load), which
-    with fp16 storage gives fp16 kept values. Then :func:`sparse_inference.keep_faster` applies
-    the measured choice of ``sparsify_for_inference``: with ``measure``, a layer whose one-token
-    product times slower than dense becomes dense (its dense equivalent is built to time it);
+    :class:`~sparse_inference.BitmaskLinear` or :class:`~sparse_inference.Csr16Linear` of the
+    stored fp16 values, or a CSR layer where they are not exactly fp16 (float32 / bfloat16
+    storage); a layer denser than ``max_density``, or unpruned, becomes a dense ``nn.Linear``.
+    Quantized layers (codes + scales) are dequantized at their kept positions only
+    (:func:`codec.decode_kept`: the numbers of the dense load), which with fp16 storage gives fp16
+    kept values. Then :func:`sparse_inference.keep_faster` applies
+    the measured choice of ``sparsify_for_inference``: with ``measure``, each group of layers
+    (same shape and density) takes the fastest of its formats and dense, timed in the model's
+    one-token step (the alternatives of one group at a time are built to time them);
     ``half_dense`` stores the dense layers and ``lm_head`` in fp16. The outputs equal those of
     the dense load followed by ``sparsify_for_inference`` with the same arguments. GPT-2 style
     Conv1D and fused matrices are refused (ValueError), as in sparse inference.

@@ -412,7 +412,9 @@ class _DenseWeightSpy:
 @needs_kernels
 @pytest.mark.parametrize("setting", SETTINGS)
 @pytest.mark.parametrize("make", [_tiny_llama_odd_vocab, _tiny_opt_odd_vocab], ids=["llama", "opt"])
-def test_sparse_load_matches_the_dense_load_without_a_dense_weight(tmp_path, monkeypatch, make, setting):
+@pytest.mark.parametrize("kernel", ["bitmask", "csr16"])
+def test_sparse_load_matches_the_dense_load_without_a_dense_weight(tmp_path, monkeypatch, make, setting,
+                                                                   kernel):
     from sparsegpt_utils import checkpoint
 
     folder = _saved(tmp_path, make, setting)
@@ -423,9 +425,11 @@ def test_sparse_load_matches_the_dense_load_without_a_dense_weight(tmp_path, mon
     def refuse(*args, **kwargs):
         raise AssertionError("a dense weight of a pruned layer was built")
 
-    for cls in (BitmaskLinear, SparseLinear):
+    layer_cls = {"bitmask": BitmaskLinear, "csr16": Csr16Linear}[kernel]
+    for cls in (BitmaskLinear, Csr16Linear, SparseLinear):
         monkeypatch.setattr(cls, "to_linear", refuse)
-    monkeypatch.setattr(BitmaskLinear, "dense_weight", refuse)
+    for cls in (BitmaskLinear, Csr16Linear):
+        monkeypatch.setattr(cls, "dense_weight", refuse)
     monkeypatch.setattr(checkpoint, "decode_layer", refuse)
     monkeypatch.setattr(checkpoint, "_read_state", refuse)
     spy = _DenseWeightSpy(shapes)
@@ -440,19 +444,19 @@ def test_sparse_load_matches_the_dense_load_without_a_dense_weight(tmp_path, mon
 
     monkeypatch.setattr(checkpoint, "_build_skeleton", build_paused)
     with spy.mode:
-        model, _ = checkpoint.load_pruned(folder, sparse=True, kernel="bitmask", measure=False)
+        model, _ = checkpoint.load_pruned(folder, sparse=True, kernel=kernel, measure=False)
     assert not spy.hits, spy.hits[:5]
     monkeypatch.undo()
 
     formats = inference_formats(model)
-    assert set(formats["layer"]) == set(pruned_linears(dense)) and (formats["format"] == "bitmask").all()
+    assert set(formats["layer"]) == set(pruned_linears(dense)) and (formats["format"] == kernel).all()
     assert not any(p.device.type == "meta" for p in model.parameters())
     # exactly the layers sparsify_for_inference makes of the dense load
-    ref = sparsify_for_inference(copy.deepcopy(dense), kernel="bitmask", measure=False)
+    ref = sparsify_for_inference(copy.deepcopy(dense), kernel=kernel, measure=False)
     for name in formats["layer"]:
         a, b = model.get_submodule(name), ref.get_submodule(name)
-        assert isinstance(a, BitmaskLinear) and isinstance(b, BitmaskLinear), name
-        for key in ("masks", "values", "offsets", "bias"):
+        assert isinstance(a, layer_cls) and isinstance(b, layer_cls), name
+        for key in ("offsets", "bias", *(("masks", "values") if kernel == "bitmask" else ("idx", "vals"))):
             x, y = getattr(a, key), getattr(b, key)
             assert (x is None and y is None) or torch.equal(x, y), (name, key)
     ids = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(1))
