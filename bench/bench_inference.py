@@ -42,7 +42,7 @@ from sparsegpt_utils.models import load_model, pruned_linears  # noqa: E402
 from sparsegpt_utils.prune import PruneConfig, prune_model  # noqa: E402
 from sparsegpt_utils.results import write_csv_atomic  # noqa: E402
 from sparsegpt_utils.sparse_inference import (  # noqa: E402
-    HalfLinear,
+    bytes_read,
     compare_decoding,
     inference_formats,
     sparsify_for_inference,
@@ -59,14 +59,9 @@ def bytes_per_token(dense_model, sparse_model) -> tuple[int, int]:
     kept weight."""
     dense = 4 * sum(m.weight.numel() for m in pruned_linears(dense_model).values())
     dense += 4 * dense_model.get_output_embeddings().weight.numel()
-    shapes = {name: m.weight.numel() for name, m in pruned_linears(dense_model).items()}
-    per_weight = {"bitmask": lambda d: 2 * d + 1 / 8, "csr16": lambda d: 4 * d, "fp16": lambda d: 2,
-                  "dense": lambda d: 4, "csr": lambda d: 8 * d}
-    sparse = 0.0
-    for row in inference_formats(sparse_model).itertuples():
-        sparse += per_weight[row.format](row.density) * shapes[row.layer]
-    head = sparse_model.get_output_embeddings()
-    sparse += (2 if isinstance(head, HalfLinear) else 4) * head.in_features * head.out_features
+    names = inference_formats(sparse_model)["layer"]
+    sparse = sum(bytes_read(sparse_model.get_submodule(name)) for name in names)
+    sparse += bytes_read(sparse_model.get_output_embeddings())
     return dense, round(sparse)
 
 

@@ -266,6 +266,29 @@ def _fake_step_seconds(monkeypatch, cost):
     monkeypatch.setattr(sparse_inference, "step_seconds", fake)
 
 
+@needs_kernels
+def test_bytes_read_per_format():
+    w = _fp16_sparse(64, 96, 0.25, seed=4)
+    kept, n = int((w != 0).sum()), w.numel()
+    linear = nn.Linear(96, 64)
+    assert sparse_inference.bytes_read(linear) == 4 * n
+    assert sparse_inference.bytes_read(BitmaskLinear.from_mask_values(w != 0, w[w != 0])) == 2 * kept + n / 8
+    assert sparse_inference.bytes_read(Csr16Linear.from_mask_values(w != 0, w[w != 0])) == 4 * kept
+    assert sparse_inference.bytes_read(HalfLinear(w.half().view(torch.int16))) == 2 * n
+
+
+def test_timing_noise_does_not_choose_more_memory_traffic(monkeypatch):
+    """Formats within the noise margin of the fastest: the one reading the fewest bytes stays."""
+    _fake_step_seconds(monkeypatch, lambda layer: 1.0 if isinstance(layer, (nn.Linear, HalfLinear)) else 1.01)
+    model = _magnitude_pruned(tiny_llama, 0.3)
+    sparsify_for_inference(model, kernel="csr")  # CSR at density 0.3 reads 2.4 of dense's 4 bytes/weight
+    assert (inference_formats(model)["format"] == "csr").all()
+    _fake_step_seconds(monkeypatch, lambda layer: 1.0 if isinstance(layer, (nn.Linear, HalfLinear)) else 2.0)
+    model = _magnitude_pruned(tiny_llama, 0.3)
+    sparsify_for_inference(model, kernel="csr")  # one group of 2 layers of 14: the step 7 % slower
+    assert (inference_formats(model)["format"] == "dense").all()
+
+
 def test_step_seconds_times_a_one_token_forward():
     model = tiny_llama()
     assert 0 < sparse_inference.step_seconds(model, repeats=2) < 10
