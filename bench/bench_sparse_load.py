@@ -13,7 +13,8 @@ added (MB = 2**20 bytes). Variants:
 - ``dense+sparsify``: the dense load, then ``sparsify_for_inference`` (bitmask layers);
 - ``sparse``: ``load_pruned(dir, sparse=True, measure=False)``: every pruned layer built as a
   bitmask layer from the file, no dense weight of a pruned layer ever made;
-- ``sparse+measure``: ``load_pruned(dir, sparse=True)``: per layer the faster of sparse and dense.
+- ``sparse+measure``: ``load_pruned(dir, sparse=True)``: each group of layers (same shape and
+  density) in the fastest of dense, bitmask and csr16, timed in the model's one-token step.
 
 The bound beside them: what the loaded model itself holds (its parameters and buffers). Every
 variant's greedy continuation of a prompt is compared with the dense load's.

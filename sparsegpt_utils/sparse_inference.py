@@ -550,11 +550,12 @@ def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool, ro
     """Put each layer in its fastest format, measured in the model itself: layers of the same
     shape, density (to 1 place) and options form a group; the group's formats are tried in turn,
     ``rounds`` times, for all its layers at once, and the model's one-token step timed
-    (:func:`step_seconds`), the rest of the model as chosen so far; the format with the lowest
-    median over the rounds stays. Timing
-    inside the model measures what decoding costs (each layer's weights arrive from memory
-    while the model runs), which single layers timed from a flushed cache did not predict.
-    ``measure`` False: every layer takes its first option."""
+    (:func:`step_seconds`), the rest of the model as chosen so far. Each format's step time is
+    divided by that of the format reading the fewest bytes (:func:`bytes_read`) in the same
+    round; the format with the lowest median ratio stays if it beats the lean one by more than
+    :data:`NOISE_MARGIN`, else the lean one stays. Timing inside the model measures what decoding costs (each
+    layer's weights arrive from memory while the model runs), which single layers timed from a
+    flushed cache did not predict. ``measure`` False: every layer takes its first option."""
     for c in choices:
         c.use(next(iter(c.options)))
     if not measure:
@@ -566,20 +567,20 @@ def _choose_in_model(model: nn.Module, choices: list[_Choice], measure: bool, ro
         formats = list(members[0].options)
         if len(formats) < 2:
             continue
-        # the formats take turns over several rounds, so that a slow spell of the machine falls
-        # on all of them; each format's time is the median over the rounds of its fastest step
+        # the formats take turns over several rounds, and each is compared with the format
+        # reading the fewest bytes within the same round: a slow spell of the machine then
+        # falls on both sides of a comparison; the median over the rounds decides
         times: dict[str, list[float]] = {fmt: [] for fmt in formats}
         for _ in range(rounds):
             for fmt in formats:
                 for c in members:
                     c.use(fmt)
                 times[fmt].append(step_seconds(model, repeats=3))
-        median = {fmt: statistics.median(t) for fmt, t in times.items()}
-        winner = min(formats, key=median.get)
-        # a format that reads more memory than another must win by a clear margin: differences
-        # within the machine's noise do not choose more traffic
         lean = min(formats, key=lambda fmt: bytes_read(members[0].options[fmt]))
-        if median[lean] <= median[winner] * (1 + NOISE_MARGIN):
+        ratio = {fmt: statistics.median(a / b for a, b in zip(t, times[lean])) for fmt, t in times.items()}
+        winner = min(formats, key=ratio.get)
+        # a format that reads more memory must win by a clear margin, not by the machine's noise
+        if ratio[winner] > 1 - NOISE_MARGIN:
             winner = lean
         for c in members:
             c.use(winner)
