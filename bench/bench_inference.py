@@ -20,6 +20,7 @@ storage, not from sparsity, reported in its own rows.
 
     PYTHONPATH=. .venv/bin/python bench/bench_inference.py            # 0.5, 0.3, 0.1, 2:4; 1 and 2 threads
     PYTHONPATH=. .venv/bin/python bench/bench_inference.py --settings 0.5 --threads 1 --repeats 2
+    PYTHONPATH=. .venv/bin/python bench/bench_inference.py --rest     # the step without its linear layers
 """
 
 from __future__ import annotations
@@ -76,6 +77,37 @@ def prefill_seconds(dense, sparse, ids: torch.Tensor, repeats: int) -> tuple[flo
     return statistics.median(times[0]), statistics.median(times[1])
 
 
+class _NoLinear(torch.nn.Module):
+    """Stands in for a linear layer at no cost: zeros of the output's shape."""
+
+    def __init__(self, out_features: int):
+        super().__init__()
+        self.out_features = out_features
+
+    def forward(self, x):
+        return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+@torch.no_grad()
+def rest_of_model(base, prompt, threads: list[int], new_tokens: int) -> pd.DataFrame:
+    """What a decoding step costs besides its linear layers (norms, rotary, attention, the KV
+    cache, Python): the dense model against a copy whose decoder linear layers and ``lm_head``
+    are stubs, interleaved. No kernel can remove this part: it caps the decode speedup at
+    dense_ms / (rest_ms + linear time of the sparse model)."""
+    stub = copy.deepcopy(base)
+    for name, layer in [*pruned_linears(stub).items(), ("lm_head", stub.get_output_embeddings())]:
+        parent, _, attr = name.rpartition(".")
+        setattr(stub.get_submodule(parent) if parent else stub, attr, _NoLinear(layer.out_features))
+    rows = []
+    for t in threads:
+        torch.set_num_threads(t)
+        run = compare_decoding(base, stub, prompt, new_tokens)
+        dense_ms, rest_ms = 1e3 / run["dense_tokens_per_s"], 1e3 / run["sparse_tokens_per_s"]
+        rows.append({"threads": t, "dense_ms_per_token": round(dense_ms, 2),
+                     "rest_ms_per_token": round(rest_ms, 2), "rest_share": round(rest_ms / dense_ms, 3)})
+    return pd.DataFrame(rows)
+
+
 def main(argv=None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -88,12 +120,19 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--half-dense", nargs="+", choices=["off", "on"], default=["off", "on"],
                    help="lm_head and the layers left dense from float32 ('off'), from fp16 ('on'), or both")
     p.add_argument("--out", default="results/bench_inference.csv")
+    p.add_argument("--rest", action="store_true",
+                   help="only time the model without its linear layers (results/bench_inference_rest.csv)")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or args.prefill < 2:
         p.error("--new-tokens and --prefill must be >= 2 and --repeats >= 1")
 
     base, tok = load_model(args.model)
     prompt = tok(PROMPT, return_tensors="pt").input_ids
+    if args.rest:
+        table = rest_of_model(base, prompt, args.threads, args.new_tokens)
+        write_csv_atomic("results/bench_inference_rest.csv", table)
+        print(table.to_string(index=False))
+        return table
     long_ids = torch.randint(0, base.config.vocab_size, (1, args.prefill),
                              generator=torch.Generator().manual_seed(0))
     rows = []
