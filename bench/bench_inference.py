@@ -21,6 +21,7 @@ storage, not from sparsity, reported in its own rows.
     PYTHONPATH=. .venv/bin/python bench/bench_inference.py            # 0.5, 0.3, 0.1, 2:4; 1 and 2 threads
     PYTHONPATH=. .venv/bin/python bench/bench_inference.py --settings 0.5 --threads 1 --repeats 2
     PYTHONPATH=. .venv/bin/python bench/bench_inference.py --rest     # the step without its linear layers
+    PYTHONPATH=. .venv/bin/python bench/bench_inference.py --builds   # AVX2 build against this CPU's
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from sparsegpt_utils import kernels  # noqa: E402
 from sparsegpt_utils.checkpoint import load_pruned, save_pruned  # noqa: E402
 from sparsegpt_utils.models import load_model, pruned_linears  # noqa: E402
 from sparsegpt_utils.prune import PruneConfig, prune_model  # noqa: E402
@@ -108,6 +110,40 @@ def rest_of_model(base, prompt, threads: list[int], new_tokens: int) -> pd.DataF
     return pd.DataFrame(rows)
 
 
+@torch.no_grad()
+def other_builds(base, tok, prompt, new_tokens: int, repeats: int) -> pd.DataFrame:
+    """Decode speedup of the kernels built for this CPU ("native") and for AVX2 only (what a CPU
+    without AVX-512 runs), 1 thread, every pruned layer in one format (bitmask at density 0.5
+    and 0.3, csr16 at 0.1), each against dense in the same process."""
+    torch.set_num_threads(1)
+    folder = Path(tempfile.mkdtemp(prefix="sgpt-builds-"))
+    builds = {isa: kernels.bind(kernels.compile_library(folder / f"{isa}.so", isa))
+              for isa in ("native", "avx2")}
+    rows = []
+    for density, fmt in ((0.5, "bitmask"), (0.3, "bitmask"), (0.1, "csr16")):
+        dense = _saved_and_loaded(base, tok, PruneConfig(method="magnitude", density=density))
+        row = {"density": density, "sparsity": 1 - density, "format": fmt, "threads": 1}
+        for isa, lib in builds.items():
+            sparse = sparsify_for_inference(copy.deepcopy(dense), kernel=fmt, measure=False)
+            with kernels.using(lib):  # the layers bind the library they first run on
+                sparse(input_ids=prompt)
+            runs = [compare_decoding(dense, sparse, prompt, new_tokens) for _ in range(repeats)]
+            row[f"{isa}_speedup"] = round(statistics.median(r["speedup"] for r in runs), 3)
+        rows.append(row)
+        print(pd.DataFrame([row]).to_string(index=False), flush=True)
+    return pd.DataFrame(rows)
+
+
+def _saved_and_loaded(base, tok, cfg: PruneConfig):
+    """``base`` pruned by ``cfg``, saved as a compact checkpoint and loaded back dense (float32)."""
+    model = copy.deepcopy(base)
+    result = prune_model(model, None, cfg, progress=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pruned(model, Path(tmp) / "ckpt", tok, result.masks, progress=False)
+        dense, _ = load_pruned(Path(tmp) / "ckpt", dtype=torch.float32)
+    return dense
+
+
 def main(argv=None) -> pd.DataFrame:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="smollm2-135m")
@@ -122,12 +158,18 @@ def main(argv=None) -> pd.DataFrame:
     p.add_argument("--out", default="results/bench_inference.csv")
     p.add_argument("--rest", action="store_true",
                    help="only time the model without its linear layers (results/bench_inference_rest.csv)")
+    p.add_argument("--builds", action="store_true",
+                   help="only compare the native and AVX2 kernel builds (results/bench_inference_builds.csv)")
     args = p.parse_args(argv)
     if args.new_tokens < 2 or args.repeats < 1 or args.prefill < 2:
         p.error("--new-tokens and --prefill must be >= 2 and --repeats >= 1")
 
     base, tok = load_model(args.model)
     prompt = tok(PROMPT, return_tensors="pt").input_ids
+    if args.builds:
+        table = other_builds(base, tok, prompt, args.new_tokens, args.repeats)
+        write_csv_atomic("results/bench_inference_builds.csv", table)
+        return table
     if args.rest:
         table = rest_of_model(base, prompt, args.threads, args.new_tokens)
         write_csv_atomic("results/bench_inference_rest.csv", table)
@@ -138,13 +180,8 @@ def main(argv=None) -> pd.DataFrame:
     rows = []
     for setting in args.settings:
         nm = setting if ":" in setting else None
-        model = copy.deepcopy(base)
         cfg = PruneConfig(method="magnitude", nm=nm, density=1.0 if nm else float(setting))
-        result = prune_model(model, None, cfg, progress=False)
-        with tempfile.TemporaryDirectory() as tmp:
-            save_pruned(model, Path(tmp) / "ckpt", tok, result.masks, progress=False)
-            dense, _ = load_pruned(Path(tmp) / "ckpt", dtype=torch.float32)
-        del model
+        dense = _saved_and_loaded(base, tok, cfg)
         density = 0.5 if nm else float(setting)
         for threads, half in [(t, h) for t in args.threads for h in args.half_dense]:
             torch.set_num_threads(threads)

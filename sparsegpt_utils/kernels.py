@@ -9,6 +9,7 @@ torch's own kernels (decompress + matmul).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import hashlib
 import os
@@ -23,7 +24,7 @@ from .paths import cache_dir
 from .results import write_atomic
 
 __all__ = ["load", "available", "build_error", "compile_library", "bind", "gemv", "decompress", "half_gemv",
-           "csr16_gemv", "csr16_decompress", "isa", "pointers", "threads", "ISA_FLAGS"]
+           "csr16_gemv", "csr16_decompress", "isa", "pointers", "threads", "using", "ISA_FLAGS"]
 
 SOURCE = Path(__file__).with_name("csrc") / "bitmask_linear.c"
 _lib: ctypes.CDLL | None = None
@@ -103,6 +104,20 @@ def load() -> ctypes.CDLL | None:
         _error = str(err)
         return None
     return _lib
+
+
+@contextlib.contextmanager
+def using(lib: ctypes.CDLL):
+    """Run the layers on ``lib`` (a library from :func:`bind`, e.g. the AVX2 or portable build)
+    inside the ``with`` block: to compare builds in one process. Layers bind the library on
+    their first call, so use fresh layers (or copies) per build."""
+    global _lib, _tried
+    saved = (_lib, _tried)
+    _lib, _tried = lib, True
+    try:
+        yield lib
+    finally:
+        _lib, _tried = saved
 
 
 def available() -> bool:

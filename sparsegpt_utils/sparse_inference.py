@@ -164,6 +164,11 @@ class _PackedLinear(nn.Module):
         self._kernel_call = None
         return super()._apply(fn, *args, **kwargs)
 
+    def __getstate__(self):  # a copy (deepcopy, pickle) binds its own buffers
+        state = dict(self.__dict__)
+        state.pop("_kernel_call", None)
+        return state
+
     def __setattr__(self, name, value):  # a buffer replaced: bind again
         super().__setattr__(name, value)
         if name in self.__dict__.get("_buffers", ()):
@@ -464,8 +469,10 @@ SPARSE_TYPES = (SparseLinear, BitmaskLinear, Csr16Linear, HalfLinear)
 KERNELS = ("auto", "bitmask", "csr16", "csr")
 FORMATS = {"bitmask": BitmaskLinear, "csr16": Csr16Linear, "csr": SparseLinear}
 # Without timing, "auto" takes csr16 for layers keeping at most this fraction and the bitmask
-# above it: where the two cross on the machines measured (bench/README.md).
-CSR16_MAX_DENSITY = 0.2
+# above it. By bytes the two cross at 1/16 (4 d = 2 d + 1/8), but per-row work weighs more for
+# the bitmask at low density: in decoding smollm2-135m they were about equal at density 0.1 and
+# the bitmask clearly faster at 0.3 (bench/README.md).
+CSR16_MAX_DENSITY = 0.15
 
 
 def _decoder_linears(model: nn.Module):

@@ -104,6 +104,12 @@ def test_fp16_sparse_layer_follows_its_buffers(cls):
     torch.testing.assert_close(layer(x), x @ w2.T, rtol=1e-5, atol=1e-5)
     layer.to(torch.float32)  # _apply: same numbers after a move
     torch.testing.assert_close(layer(x), x @ w2.T, rtol=1e-5, atol=1e-5)
+    twin = copy.deepcopy(layer)  # a copy of a layer that has run computes from its own buffers
+    del layer, other
+    torch.testing.assert_close(twin(x), x @ w2.T, rtol=1e-5, atol=1e-5)
+    for buf in twin.buffers():
+        buf.zero_()
+    assert torch.equal(twin(x), torch.zeros(1, 16))
 
 
 @pytest.mark.parametrize("grad", [False, True])
