@@ -153,7 +153,27 @@ class _PackedLinear(nn.Module):
 
     in_features: int
     out_features: int
+    offsets: torch.Tensor  # int64 [out + 1]: where each row's kept weights begin
+    storage: str  # what extra_repr says of the format
     _kernel_call = None  # (x pointer, y pointer) -> None, bound to this layer's buffers
+
+    @classmethod
+    def from_mask_values(cls, mask: torch.Tensor, values: torch.Tensor, bias: torch.Tensor | None = None):
+        raise NotImplementedError
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear):
+        w = linear.weight.detach().cpu()
+        mask = w != 0
+        return cls.from_mask_values(mask, w[mask], linear.bias)
+
+    @property
+    def density(self) -> float:
+        return int(self.offsets[-1]) / (self.in_features * self.out_features)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"bias={self.bias is not None}, density={self.density:.3f}, values={self.storage}")
 
     def _bind_kernel(self):
         """The compiled kernel with this layer's buffers bound: a function of the input's and the
@@ -231,6 +251,8 @@ class BitmaskLinear(_PackedLinear):
     then the outputs equal the dense layer's up to float32 summation order.
     """
 
+    storage = "fp16+bitmask"
+
     def __init__(self, masks: torch.Tensor, values: torch.Tensor, offsets: torch.Tensor, in_features: int,
                  bias: torch.Tensor | None = None):
         super().__init__()
@@ -251,16 +273,6 @@ class BitmaskLinear(_PackedLinear):
         padded = torch.cat([half, torch.zeros(32, dtype=torch.float16)]).view(torch.int16)
         b = None if bias is None else bias.detach().float().clone()
         return cls(_pack_mask(mask), padded, offsets, mask.shape[1], b)
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> BitmaskLinear:
-        w = linear.weight.detach().cpu()
-        mask = w != 0
-        return cls.from_mask_values(mask, w[mask], linear.bias)
-
-    @property
-    def density(self) -> float:
-        return int(self.offsets[-1]) / (self.in_features * self.out_features)
 
     @torch.no_grad()
     def dense_weight(self, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -290,9 +302,6 @@ class BitmaskLinear(_PackedLinear):
         rows, words = self.out_features, self.masks.shape[1]
         return lambda x, y: fn(x, *ptrs, y, rows, words, torch.get_num_threads())
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, density={self.density:.3f}, values=fp16+bitmask")
 
 
 class Csr16Linear(_PackedLinear):
@@ -304,6 +313,8 @@ class Csr16Linear(_PackedLinear):
     of the two at low densities. Needs ``in_features`` <= 65536 and fp16-exact weights; the
     outputs equal the dense layer's up to float32 summation order.
     """
+
+    storage = "fp16+uint16 columns"
 
     def __init__(self, idx: torch.Tensor, vals: torch.Tensor, offsets: torch.Tensor, in_features: int,
                  bias: torch.Tensor | None = None):
@@ -333,16 +344,6 @@ class Csr16Linear(_PackedLinear):
         b = None if bias is None else bias.detach().float().clone()
         return cls(idx, vals, offsets, cols, b)
 
-    @classmethod
-    def from_linear(cls, linear: nn.Linear) -> Csr16Linear:
-        w = linear.weight.detach().cpu()
-        mask = w != 0
-        return cls.from_mask_values(mask, w[mask], linear.bias)
-
-    @property
-    def density(self) -> float:
-        return int(self.offsets[-1]) / (self.in_features * self.out_features)
-
     def _positions(self) -> tuple[torch.Tensor, torch.Tensor]:
         kept = int(self.offsets[-1])
         rows = torch.repeat_interleave(torch.arange(self.out_features), self.offsets.diff())
@@ -371,9 +372,6 @@ class Csr16Linear(_PackedLinear):
         rows = self.out_features
         return lambda x, y: fn(x, *ptrs, y, rows, torch.get_num_threads())
 
-    def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, "
-                f"bias={self.bias is not None}, density={self.density:.3f}, values=fp16+uint16 columns")
 
 
 _SCRATCH: dict[str, torch.Tensor] = {}

@@ -295,9 +295,17 @@ def test_timing_noise_does_not_choose_more_memory_traffic(monkeypatch):
     assert (inference_formats(model)["format"] == "dense").all()
 
 
-def test_step_seconds_times_a_one_token_forward():
+def test_step_seconds_times_a_one_token_forward(monkeypatch):
+    """The step timed is a one-token forward without cache: a warm-up call, then ``repeats``
+    timed calls, and the fastest of them is returned."""
     model = tiny_llama()
-    assert 0 < sparse_inference.step_seconds(model, repeats=2) < 10
+    calls = []
+    model.register_forward_hook(lambda mod, args, kwargs, out: calls.append(
+        (tuple(kwargs["input_ids"].shape), kwargs["use_cache"])), with_kwargs=True)
+    clock = iter([0.0, 3.0, 10.0, 11.5, 20.0, 22.0])  # timed calls of 3.0, 1.5 and 2.0 s
+    monkeypatch.setattr(sparse_inference.time, "perf_counter", lambda: next(clock))
+    assert sparse_inference.step_seconds(model, repeats=3) == 1.5
+    assert calls == [((1, 1), False)] * 4
 
 
 def test_measured_choice_keeps_the_faster_of_sparse_and_dense(monkeypatch):
