@@ -50,6 +50,7 @@ from tqdm.auto import tqdm
 
 from ._version import versions
 from .codec import (
+    MASK_FORMS,
     CodecError,
     decode_kept,
     decode_layer,
@@ -574,7 +575,7 @@ def _check_shape(manifest: dict, where: str) -> None:
                 bad(f"layer {name!r}: {key} must be an integer in [0, {numel}]")
         if not (_is_num(info.get("density")) and 0 <= info["density"] <= 1):
             bad(f"layer {name!r}: density must be a number in [0, 1]")
-        if info.get("mask") not in ("bitmask", "nm", "rice"):
+        if info.get("mask") not in MASK_FORMS:
             bad(f"layer {name!r}: unknown mask encoding {info.get('mask')!r}")
         if not isinstance(info.get("values"), str):
             bad(f"layer {name!r}: values must be 'codes' or a dtype name")
@@ -593,6 +594,8 @@ def _check_shape(manifest: dict, where: str) -> None:
         if info["mask"] == "nm" and not (isinstance(info.get("nm"), list) and len(info["nm"]) == 2
                                          and all(_is_int(x) for x in info["nm"])):
             bad(f"layer {name!r}: nm must be [n, m]")
+        if info["mask"] == "full" and info["slots"] != numel:
+            bad(f"layer {name!r}: a 'full' mask keeps every one of its {numel} weights")
         if info["mask"] == "rice" and not (
                 _is_int(info.get("rice_k")) and _is_int(info.get("rice_stream_bits"))
                 and 0 <= info["rice_k"] < 63 and info["rice_stream_bits"] >= 0):

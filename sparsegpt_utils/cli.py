@@ -88,8 +88,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser, target: bool = True) ->
          "uniform widths)", type=float)
     _add(g, "--bit-method", "mixed.method", "mixed precision: bit allocation",
          default=_default(MixedPrecisionConfig, "method"), choices=["budget", "quantile"])
-    _add(g, "--mixed-unit", "mixed.unit", "mixed precision: one width per row or per group",
-         default=_default(MixedPrecisionConfig, "unit"), choices=["row", "group"])
+    _add(g, "--mixed-unit", "mixed.unit", "mixed precision: one width per row, per group of "
+         "--groupsize input columns, or auto (per group when --groupsize is set)",
+         default=_default(MixedPrecisionConfig, "unit"), choices=["auto", "row", "group"])
     _add(g, "--calib-batch-size", "prune.calibration_batch_size", "calibration windows per forward pass",
          type=int, default=_default(PruneConfig, "calibration_batch_size"))
     _add(g, "--percdamp", "prune.percdamp", "Hessian damping, fraction of mean(diag H) (notebook: EPSILON)",

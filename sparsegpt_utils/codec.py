@@ -3,8 +3,10 @@ tensors and back. Numpy and tensors only: no files, no models.
 
 A pruned layer [rows, cols] stores a set of *slots* (the kept positions, sometimes with a few
 pruned ones added) and one value per slot, in row-major order. The slot set is stored in the
-smallest of three forms, chosen per layer by exact size:
+smallest of four forms, chosen per layer by exact size:
 
+- ``full``: nothing stored, every position is a slot (a layer with nothing pruned, e.g. one
+  that is only quantized, pays no mask bit);
 - ``bitmask``: 1 bit per weight (packed, LSB first);
 - ``nm``: for N:M masks, one index per group of M naming which N of the C(M, N) patterns it
   uses (ceil(log2 C(M, N)) bits per group: 3 bits for 2:4). Groups with fewer than N kept
@@ -59,7 +61,7 @@ __all__ = [
 ]
 
 NM_CANDIDATES = (4, 8, 16)  # group sizes M tried for the N:M form
-MASK_FORMS = ("bitmask", "nm", "rice")
+MASK_FORMS = ("full", "bitmask", "nm", "rice")
 # what one more tensor costs in a safetensors header (name, dtype, shape, offsets), in bits;
 # it keeps a form with more tensors from being chosen for a saving of a few bits
 TENSOR_OVERHEAD_BITS = 8 * 96
@@ -198,6 +200,8 @@ def choose_slots(mask: np.ndarray, value_bits: np.ndarray) -> dict:
     kept = int(mask.sum())
     per_value = value_bits if value_bits.ndim == 2 else value_bits[:, None]
     kept_value_bits = int((mask * per_value).sum())
+    if kept == rows * cols:  # nothing pruned: no mask to store
+        return {"mask": "full", "bits": kept_value_bits, "slots": mask}
     plans = [{"mask": "bitmask", "bits": rows * cols + kept_value_bits, "slots": mask}]
     flat = mask.reshape(-1)
     gaps = np.diff(np.flatnonzero(flat), prepend=-1) - 1
@@ -222,6 +226,8 @@ def choose_slots(mask: np.ndarray, value_bits: np.ndarray) -> dict:
 def encode_slots(plan: dict) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors (by key suffix) and manifest fields of a slot plan."""
     slots = plan["slots"]
+    if plan["mask"] == "full":
+        return {}, {}
     if plan["mask"] == "bitmask":
         return {"mask": torch.from_numpy(np.packbits(slots.reshape(-1), bitorder="little"))}, {}
     if plan["mask"] == "rice":
@@ -240,6 +246,8 @@ def decode_slots(info: dict, t: dict[str, torch.Tensor]) -> np.ndarray:
     """The slot set, bool [rows * cols], from a layer's manifest entry and tensors."""
     rows, cols = info["shape"]
     numel = rows * cols
+    if info["mask"] == "full":
+        return np.ones(numel, dtype=bool)
     if info["mask"] == "bitmask":
         if t["mask"].numel() * 8 < numel:
             raise CodecError(f"bitmask of {t['mask'].numel()} bytes is too short for {numel} weights")

@@ -457,7 +457,8 @@ def prune_row_keys(prune: PruneConfig) -> dict:
     if prune.reconstruct:
         row.update(reconstruct_steps=prune.reconstruct_steps, reconstruct_lr=prune.reconstruct_lr)
     if mixed is not None:
-        row.update(target_avg_bits=mixed.target_avg_bits, bit_method=mixed.method, mixed_unit=mixed.unit)
+        row.update(target_avg_bits=mixed.target_avg_bits, bit_method=mixed.method,
+                   mixed_unit=mixed.unit_for(None if quant is None else quant.groupsize))
     return row
 
 

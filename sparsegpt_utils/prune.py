@@ -124,6 +124,8 @@ class PruneConfig:
                              f"got {self.reconstruct_parts!r}")
         if (self.mixed is not None or self.bit_allocator is not None) and self.quant is None:
             raise ValueError("mixed precision (mixed / bit_allocator) needs quant (the grid: groupsize, sym)")
+        if self.mixed is not None and self.quant is not None:
+            self.mixed.unit_for(self.quant.groupsize)  # "group" needs a groupsize
         if self.mixed is not None and self.bit_allocator is not None:
             raise ValueError("give mixed (a budget) or bit_allocator (an explicit allocator), not both")
         if self.bit_allocator is not None and not isinstance(self.bit_allocator, BitAllocator):

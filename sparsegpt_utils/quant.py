@@ -147,7 +147,7 @@ def find_params(
         empty = (lo == 0) & (hi == 0)
         lo = torch.where(empty, -torch.ones_like(lo), lo)
         hi = torch.where(empty, torch.ones_like(hi), hi)
-        scale = (hi - lo) / maxq
+        scale = _fp16_exact((hi - lo) / maxq)
         zero = torch.full_like(scale, 0) + (maxq + 1) / 2 if sym else torch.round(-lo / scale)
         if sym:
             zero = torch.floor(zero)
@@ -165,6 +165,14 @@ def find_params(
             scale = torch.where(better, s1, scale)
             zero = torch.where(better, z1, zero)
     return scale, zero
+
+
+def _fp16_exact(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` rounded to the nearest float16 (kept as float32) where float16 holds it: the
+    checkpoint stores scales in 16 bits, as the storage model counts them, only when they are
+    exact in float16. Scales float16 cannot hold (under 2**-24 or over 65504) stay as they are."""
+    half = scale.to(torch.float16).float()
+    return torch.where((half > 0) & torch.isfinite(half), half, scale)
 
 
 def quantize_codes(w, scale, zero, maxq) -> torch.Tensor:

@@ -55,6 +55,8 @@ def tiny_prune(model_dir, *more):
     (["--density", "0.5", "--wbits", "17"], "wbits"),
     (["--density", "0.5", "--groupsize", "128"], "groupsize"),
     (["--density", "0.5", "--target-avg-bits", "9"], "target_avg_bits"),
+    (["--density", "0.5", "--wbits", "4", "--target-avg-bits", "3.5", "--mixed-unit", "group"],
+     "unit 'group' needs a groupsize"),
     (["--density", "0.5", "--percdamp", "1"], "percdamp"),
     (["--density", "0.5", "--dtype", "float8"], "dtype"),
     (["--density", "0.5", "--device", "tpu"], "device"),

@@ -322,8 +322,9 @@ def test_prune_model_builds_its_allocator_from_mixed():
     assert stats is not None and len(stats.layers) == 14 and stats.target_avg_bits == 3.0
     for a in stats.layers:
         assert torch.equal(res.grids[a.name].bits.cpu(), a.bits)  # the solver used these widths
-    # the real bits (final masks) meet the budget up to the width-map slack (see above)
-    slack = sum(a.rows * (3 - width_map_bits(a.bits)) for a in stats.layers) / stats.params
+    # the real bits (final masks) meet the budget up to the width-map slack (see above); one
+    # width per grid here: auto with a groupsize
+    slack = sum(a.bits.numel() * (3 - width_map_bits(a.bits)) for a in stats.layers) / stats.params
     assert stats.actual_avg_bits <= 3.0 and abs(stats.actual_avg_bits + slack - 3.0) < 0.01
     again = prune_model(tiny_llama(), calib, config, progress=False)  # a fresh allocator per run
     assert again.quant_stats is not stats and len(again.quant_stats.layers) == 14
@@ -370,7 +371,7 @@ def test_prune_model_with_act_order_and_mixed_precision():
     weights = {}
     for act_order in (False, True):
         model = tiny_llama()
-        config = PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4, 32), mixed=MixedPrecisionConfig(3.0),
+        config = PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4, 32), mixed=MixedPrecisionConfig(3.0, unit="row"),
                              act_order=act_order)
         res = prune_model(model, calib, config, progress=False)
         for a in res.quant_stats.layers:
@@ -474,3 +475,17 @@ def test_prune_model_with_group_unit(density):
     # as wide as the widths really used: that slack aside, the budget is spent
     slack = sum(a.bits.numel() * (3 - width_map_bits(a.bits)) for a in stats.layers) / stats.params
     assert real + slack > 3.5 - 0.05, (real, slack)
+
+
+def test_auto_unit_is_per_group_with_a_groupsize_else_per_row():
+    calib = torch.randint(0, 128, (2, 64), generator=torch.Generator().manual_seed(0))
+    assert MixedPrecisionConfig(3.5).unit == "auto"
+    for groupsize, shape in ((32, lambda a: (a.rows, -(-a.cols // 32))), (None, lambda a: (a.rows,))):
+        res = prune_model(tiny_llama(), calib, PruneConfig("sparsegpt", 1.0, quant=QuantSpec(4, groupsize),
+                                                          mixed=MixedPrecisionConfig(3.5)), progress=False)
+        assert all(tuple(a.bits.shape) == shape(a) for a in res.quant_stats.layers)
+    # asking per group of a per-row grid fails on the config, before any work
+    with pytest.raises(ValueError, match="unit 'group' needs a groupsize"):
+        PruneConfig("sparsegpt", 1.0, quant=QuantSpec(4), mixed=MixedPrecisionConfig(3.5, unit="group"))
+    with pytest.raises(ValueError, match="unit must be one of"):
+        MixedPrecisionConfig(3.5, unit="column")

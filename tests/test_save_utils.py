@@ -17,7 +17,7 @@ from sparsegpt_utils.evaluate import perplexity
 from sparsegpt_utils.mixed_precision import FixedWidths
 from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
-from sparsegpt_utils.quant import QuantSpec, pack_bits, rtn_quantize, unpack_bits
+from sparsegpt_utils.quant import QuantSpec, grid_storage_bits, pack_bits, rtn_quantize, unpack_bits
 from sparsegpt_utils.save_utils import (
     CheckpointError,
     checkpoint_bytes,
@@ -292,6 +292,25 @@ def test_quantized_bits_agree_with_the_shared_storage_model(tmp_path):
             assert info["bits_model"] - 1e-9 <= info["bits_per_weight"]
             checked += 1
     assert checked
+
+
+def test_quantized_only_model_stores_no_mask_bit(tmp_path):
+    """Nothing pruned (density 1, 4-bit GPTQ): no mask is stored, the bits per weight are the
+    codes and grids alone (what quant_storage_bits says with no mask), and it loads bit for bit."""
+    model = small_llama()
+    calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
+    res = prune_model(model, calib, PruneConfig(density=1.0, quant=QuantSpec(4, groupsize=16)), progress=False)
+    manifest = save_pruned(model, tmp_path / "ck", masks=res.masks, grids=res.grids, dtype=torch.float32,
+                           progress=False)
+    layers = pruned_linears(model)
+    want = sum(grid_storage_bits(res.grids[n], layers[n].in_features) for n in layers)
+    params = sum(layer.weight.numel() for layer in layers.values())
+    assert {info["mask"] for info in manifest["layers"].values()} == {"full"}
+    assert manifest["avg_bits"] == pytest.approx(want / params, abs=0.01)
+    assert manifest["avg_bits"] < 4 + 2 * 16 / 16 + 0.01  # codes + fp16 scale and zero per 16 columns
+    assert_same_state(load_pruned(tmp_path / "ck")[0], model)
+    plan = codec.choose_slots(np.ones((4, 8), dtype=bool), np.full(4, 4))
+    assert plan["mask"] == "full" and plan["bits"] == 4 * 8 * 4
 
 
 def test_size_helpers(tmp_path):
