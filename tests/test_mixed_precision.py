@@ -371,8 +371,8 @@ def test_prune_model_with_act_order_and_mixed_precision():
     weights = {}
     for act_order in (False, True):
         model = tiny_llama()
-        config = PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4, 32), mixed=MixedPrecisionConfig(3.0, unit="row"),
-                             act_order=act_order)
+        config = PruneConfig("sparsegpt", 0.5, quant=QuantSpec(4, 32),
+                             mixed=MixedPrecisionConfig(3.0, unit="row"), act_order=act_order)
         res = prune_model(model, calib, config, progress=False)
         for a in res.quant_stats.layers:
             layer = pruned_linears(model)[a.name]

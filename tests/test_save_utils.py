@@ -299,7 +299,8 @@ def test_quantized_only_model_stores_no_mask_bit(tmp_path):
     codes and grids alone (what quant_storage_bits says with no mask), and it loads bit for bit."""
     model = small_llama()
     calib = torch.randint(0, 128, (2, 32), generator=torch.Generator().manual_seed(0))
-    res = prune_model(model, calib, PruneConfig(density=1.0, quant=QuantSpec(4, groupsize=16)), progress=False)
+    config = PruneConfig(density=1.0, quant=QuantSpec(4, groupsize=16))
+    res = prune_model(model, calib, config, progress=False)
     manifest = save_pruned(model, tmp_path / "ck", masks=res.masks, grids=res.grids, dtype=torch.float32,
                            progress=False)
     layers = pruned_linears(model)
