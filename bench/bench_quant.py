@@ -10,6 +10,7 @@ CSV are skipped, so an interrupted run resumes where it stopped.
         --seqlen 512 --eval-windows 16 --out results/bench_quant.csv
 
 ``--act-order`` sweeps the GPTQ / mixed runs in act-order (keys get an ``-ao`` suffix);
+``--true-sequential`` gives each layer group the inputs of the solved groups before it (``-ts``);
 ``--mixed-unit group`` gives mixed precision one width per grid (needs ``--groupsize``; keys of
 mixed runs get a ``-group`` suffix).
 """
@@ -102,6 +103,9 @@ def main(argv=None):
     p.add_argument("--global", dest="with_global", action="store_true", help="add whole-model allocations")
     p.add_argument("--only", nargs="*", default=None, help="run only these configuration keys")
     p.add_argument("--act-order", action="store_true", help="GPTQ sweeps in act-order (keys end in -ao)")
+    p.add_argument("--true-sequential", action="store_true",
+                   help="each layer group's Hessian from the block with the groups before it solved "
+                        "(keys of GPTQ / mixed runs end in -ts)")
     p.add_argument("--mixed-unit", choices=("row", "group"), default="row",
                    help="mixed precision: one width per row, or per grid (needs --groupsize)")
     p.add_argument("--out", default="results/bench_quant.csv")
@@ -137,6 +141,8 @@ def main(argv=None):
             key += "-group"
         if args.act_order and kind in ("gptq", "mixed", "global"):
             key += "-ao"
+        if args.true_sequential and kind in ("gptq", "mixed", "global"):
+            key += "-ts"
         if key in seen or (args.only and key not in args.only):
             continue
         model.load_state_dict(dense)
@@ -144,6 +150,7 @@ def main(argv=None):
         row = {"key": key, "kind": kind, "density": d, "groupsize": G or "row", "bits_asked": x,
                "method": method, "importance": imp,
                "act_order": args.act_order and kind in ("gptq", "mixed", "global"),
+               "true_sequential": args.true_sequential and kind in ("gptq", "mixed", "global"),
                "mixed_unit": args.mixed_unit if kind in ("mixed", "global") else None}
         if kind == "none" and d == 1:
             row.update(avg_bits=16.0, avg_width=16.0)
@@ -178,7 +185,9 @@ def main(argv=None):
                 model.load_state_dict(dense)
             spec = QuantSpec(x if kind == "gptq" else 4, G)
             res = prune_model(model, calib, PruneConfig("sparsegpt", d, quant=spec, bit_allocator=alloc,
-                                                        act_order=row["act_order"]), progress=False)
+                                                        act_order=row["act_order"],
+                                                        true_sequential=row["true_sequential"]),
+                              progress=False)
             row["avg_bits"], row["avg_width"] = storage_bits(model, res.masks, res.grids, G)
             if alloc is not None:
                 alloc.stats.measure(res.masks)

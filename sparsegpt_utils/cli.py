@@ -115,6 +115,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser, target: bool = True) ->
     if "act_order" in {f.name for f in fields(PruneConfig)}:
         _add(g, "--no-act-order", "prune.act_order", "quantize columns in their order, not by "
              "decreasing Hessian diagonal", action="store_false")
+    _add(g, "--true-sequential", "prune.true_sequential", "each group of a block's layers takes its "
+         "Hessian from the block with the groups before it solved (GPTQ's true-sequential)",
+         action="store_true")
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

@@ -20,7 +20,7 @@ from torch import nn
 
 from .admm import admm_prune, exact_update
 from .mixed_precision import BitAllocator, MixedPrecisionConfig, QuantizationStats, build_allocator
-from .models import get_adapter
+from .models import get_adapter, run_block
 from .owl import block_params, outlier_ratios, owl_densities
 from .quant import QuantGrid, QuantSpec, rtn_quantize
 from .reconstruct import reconstruct_block, residual_writers
@@ -69,6 +69,10 @@ class PruneConfig:
     grouped grids fixed before the sweep (see :func:`solver.sparsegpt_solve`); on by default
     (it lowered 4-bit per-row perplexity by 15 % on smollm2-135m, bench/README.md). Pruning
     without quantization keeps the columns in their order, as SparseGPT does.
+    true_sequential: each group of layers of a block (q/k/v, o, gate/up, down) takes its
+    Hessian from the block with the groups before it already solved, as GPTQ's
+    ``--true-sequential`` does (a partial forward of the block per group); off, every group's
+    Hessian comes from the block as it was, in one forward, as SparseGPT's reference does.
     """
 
     method: str = "sparsegpt"
@@ -94,6 +98,7 @@ class PruneConfig:
     reconstruct_parts: str = "block"
     mixed: MixedPrecisionConfig | None = None
     act_order: bool = True
+    true_sequential: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -246,8 +251,9 @@ def prune_model(
                 accumulators[g] = HessianAccumulator(
                     layer.in_features, device, diagonal_only=wanda_only,
                     name=f"{adapter.blocks_path}.{index}.{group[0][0]}")
-                handles.append(layer.register_forward_hook(
-                    lambda _m, inp, _out, acc=accumulators[g]: acc.add(inp[0])))
+                if g == 0 or not config.true_sequential:
+                    handles.append(layer.register_forward_hook(
+                        lambda _m, inp, _out, acc=accumulators[g]: acc.add(inp[0])))
             from_pruned = config.reconstruct and config.reconstruct_targets == "pruned-inputs"
             with _capture(parts if from_pruned else [], storage) as captured:  # pass 1: Hessians
                 outs = run_inputs(step)
@@ -266,6 +272,10 @@ def prune_model(
         t0 = time.perf_counter()
         for g, group in enumerate(groups):
             names = [f"{adapter.blocks_path}.{index}.{n}" for n, _ in group]
+            if needs_data and config.true_sequential and g > 0:  # inputs from the solved groups
+                forward_start = time.perf_counter()
+                _accumulate_inputs(step, group[0][1], accumulators[g])
+                t0 += time.perf_counter() - forward_start  # a forward, not solver time
             hessian = accumulators[g].hessian if needs_data else None
             with warnings.catch_warnings():  # counted per layer below, reported once per run
                 warnings.simplefilter("ignore", EmptyRowsWarning)
@@ -316,6 +326,28 @@ def prune_model(
                        peak, getattr(config.bit_allocator, "stats", None), blocks=pd.DataFrame(block_rows),
                        block_densities=used,
                        owl=config.owl, exact_update=config.exact_update, reconstruct=config.reconstruct)
+
+
+class _InputsSeen(Exception):
+    """Raised by the hook of :func:`_accumulate_inputs` once the layer has its input."""
+
+
+def _accumulate_inputs(step, layer: nn.Module, accumulator: HessianAccumulator) -> None:
+    """Add ``layer``'s input on every calibration batch of the block to ``accumulator``; each
+    forward stops at the layer (the rest of the block is not run)."""
+    def seen(_m, inp):
+        accumulator.add(inp[0])
+        raise _InputsSeen
+
+    handle = layer.register_forward_pre_hook(seen)
+    try:
+        for x in step.inputs:
+            try:
+                run_block(step.block, x.to(step.device), step.kwargs[x.shape[0]])
+            except _InputsSeen:
+                pass
+    finally:
+        handle.remove()
 
 
 @contextmanager

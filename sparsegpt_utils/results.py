@@ -38,7 +38,7 @@ __all__ = ["write_json_atomic", "write_csv_atomic", "append_csv_row", "atomic_wr
 RUN_SETTING_KEYS = (
     "model", "method", "family", "density", "nm",
     "wbits", "groupsize", "sym", "target_avg_bits", "bit_method", "mixed_unit", "allocation", "importance",
-    "act_order", "percdamp", "blocksize", "mask_blocksize",
+    "act_order", "true_sequential", "percdamp", "blocksize", "mask_blocksize",
     "owl", "owl_lambda", "owl_m", "exact_update", "reconstruct", "reconstruct_steps", "reconstruct_lr",
     "calib", "calib_samples", "seqlen", "seed",
     "eval", "eval_windows", "eval_seqlen",

@@ -15,6 +15,7 @@ from sparsegpt_utils.models import (
     run_block,
 )
 from sparsegpt_utils.prune import PruneConfig, prune_model
+from sparsegpt_utils.quant import QuantSpec
 from tests.conftest import tiny_llama, tiny_opt
 
 CALIB = torch.randint(3, 128, (4, 64), generator=torch.Generator().manual_seed(1))
@@ -311,3 +312,51 @@ def test_rows_that_keep_nothing_are_counted_and_warned_once():
     for name, layer in pruned_linears(model).items():
         row = result.layers.set_index("layer").loc[name]
         assert row["empty_rows"] == int((~layer.weight.ne(0).any(1)).sum())
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+@pytest.mark.parametrize("true_sequential", [False, True])
+def test_true_sequential_hessians_come_from_the_solved_groups(monkeypatch, make, true_sequential):
+    """With true_sequential each group's Hessian is that of its inputs in the block with the
+    groups before it solved (what the final model's first block feeds it: nothing after a
+    group changes its input); without it, every Hessian is that of the dense block."""
+    import sparsegpt_utils.prune as prune_mod
+    from sparsegpt_utils.solver import HessianAccumulator
+
+    seen = {}
+    solve_group = prune_mod._solve_group
+
+    def spy(config, names, layers, hessian, *a):
+        seen[names[0]] = hessian.clone()
+        return solve_group(config, names, layers, hessian, *a)
+
+    monkeypatch.setattr(prune_mod, "_solve_group", spy)
+    calib = torch.randint(3, 128, (3, 32), generator=torch.Generator().manual_seed(2))
+    model, dense = make(layers=1), make(layers=1)
+    prune_model(model, calib, PruneConfig(density=0.5, quant=QuantSpec(4), true_sequential=true_sequential),
+                progress=False)
+    first = get_adapter(model).blocks_path + ".0."
+    assert len(seen) == 4
+    for name, hessian in seen.items():
+        source = model if true_sequential else dense
+        layer = dict(pruned_linears(source))[name]
+        acc = HessianAccumulator(layer.in_features)
+        handle = layer.register_forward_hook(lambda _m, inp, _out: acc.add(inp[0]))
+        with torch.no_grad():
+            for x in calib:
+                source(x[None])
+        handle.remove()
+        assert name.startswith(first)
+        torch.testing.assert_close(hessian, acc.hessian, rtol=1e-4, atol=1e-6)
+    # the first group reads the block's input, the same either way; the later ones differ
+    if true_sequential:
+        names = list(seen)
+        dense_layers = dict(pruned_linears(dense))
+        late = dense_layers[names[-1]]
+        acc = HessianAccumulator(late.in_features)
+        handle = late.register_forward_hook(lambda _m, inp, _out: acc.add(inp[0]))
+        with torch.no_grad():
+            for x in calib:
+                dense(x[None])
+        handle.remove()
+        assert not torch.allclose(seen[names[-1]], acc.hessian, rtol=1e-3)
