@@ -176,6 +176,20 @@ def test_notebook1_compares_methods_at_each_density_with_the_same_settings():
         experiments_from_parameters({"COMPARE_WITH": ["wandaa"], "DEVICE": "cpu"})
 
 
+def test_notebook1_quantization_parameters_reach_the_prune_config(tmp_path):
+    params = _prepared_parameters(tmp_path, "-p", "DEVICE", "cpu", "-p", "wbits", "4", "-p", "groupsize",
+                                  "128", "-p", "target_avg_bits", "4.03", "-p", "mixed_unit", "row",
+                                  "-p", "act_order", "False", "-p", "true_sequential", "True")
+    prune = experiments_from_parameters({**params, "COMPARE_WITH": []})[0].prune
+    assert (prune.act_order, prune.true_sequential) == (False, True)
+    assert prune.mixed.unit == "row" and prune.mixed.target_avg_bits == 4.03 and prune.quant.groupsize == 128
+    quantized = _prepared_parameters(tmp_path, "-p", "DEVICE", "cpu", "-p", "wbits", "4")
+    defaults = experiments_from_parameters({**quantized, "COMPARE_WITH": []})[0].prune
+    assert (defaults.act_order, defaults.true_sequential, defaults.mixed) == (True, False, None)
+    with pytest.raises(ValueError, match="groupsize"):
+        experiments_from_parameters({**params, "groupsize": None, "mixed_unit": "group"})
+
+
 def test_notebook1_declares_one_parameters_cell_with_new_and_older_names():
     import nbformat
 
@@ -184,7 +198,7 @@ def test_notebook1_declares_one_parameters_cell_with_new_and_older_names():
     assert len(cells) == 1
     for name in ("DENSITIES", "percdamp", "blocksize", "mask_blocksize", "OWL", "EXACT_UPDATE",
                  "RECONSTRUCT", "COMPARE_WITH", "SPARSENESS_LIST", "SPARSITIES", "EPSILON", "B", "Bs",
-                 "RESULT_JSON"):
+                 "RESULT_JSON", "act_order", "true_sequential", "mixed_unit"):
         assert f"\n{name} = " in "\n" + cells[0].source, name
     assert "KEPT" in cells[0].source
 
