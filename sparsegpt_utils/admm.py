@@ -149,10 +149,11 @@ def admm_prune(
     W0, H, s, dead = _scaled_problem(weight, hessian, percdamp)
     prior = None if prior_mask is None else prior_mask.to(W0.device, torch.bool)
     B = W0 @ H
-    eye = torch.eye(cols, dtype=H.dtype, device=H.device)
+    # One eigendecomposition serves every ρ: (H + ρI)⁻¹ = Q diag(1/(λ + ρ)) Qᵀ, so each
+    # W-step is matrix products (no refactorization as ρ grows, no triangular solves).
+    lam, Q = torch.linalg.eigh(H)
     W, U = W0.clone(), torch.zeros_like(W0)
     mask = torch.ones_like(W0, dtype=torch.bool)
-    factor = torch.linalg.cholesky(H + rho * eye)
     for t in range(1, iterations + 1):
         V = W + U
         score = V.abs()
@@ -167,10 +168,12 @@ def admm_prune(
         U = V - Z
         if t == iterations:
             break
-        W = torch.cholesky_solve((B + rho * (Z - U)).T, factor).T
-        if rho_growth != 1:
-            rho *= rho_growth
-            factor = torch.linalg.cholesky(H + rho * eye)
+        rhs = B + rho * (Z - U)
+        if rows >= cols:  # build the inverse once ([cols]³), then one product with the rows
+            W = rhs @ ((Q / (lam + rho)) @ Q.T)
+        else:
+            W = ((rhs @ Q) / (lam + rho)) @ Q.T
+        rho *= rho_growth
     mask &= ~dead[None, :]
     Wn = masked_least_squares(B, H, mask, Z, tol)
     D = Wn - W0

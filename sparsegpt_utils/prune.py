@@ -443,8 +443,9 @@ def _solve_exact(config, names, layers, hessian, density, accumulator):
     segments = [layer.out_features for layer in layers]
     start = None
     if config.method == "admm":
-        mask = admm_prune(weight, hessian, density, config.nm, segments, prior_mask, config.percdamp,
-                          tol=EXACT_TOL).mask
+        res = admm_prune(weight, hessian, density, config.nm, segments, prior_mask, config.percdamp,
+                         tol=EXACT_TOL)
+        mask, start = res.mask, res.weight  # already the exact update: the solve below checks it
     elif config.method == "sparsegpt":
         res = sparsegpt_solve(weight, hessian, density, config.nm, None, config.blocksize,
                               config.mask_blocksize, config.percdamp, segments=segments,
