@@ -115,9 +115,12 @@ def add_prune_arguments(parser: argparse.ArgumentParser, target: bool = True) ->
     if "act_order" in {f.name for f in fields(PruneConfig)}:
         _add(g, "--no-act-order", "prune.act_order", "quantize columns in their order, not by "
              "decreasing Hessian diagonal", action="store_false")
-    _add(g, "--true-sequential", "prune.true_sequential", "each group of a block's layers takes its "
-         "Hessian from the block with the groups before it solved (GPTQ's true-sequential)",
-         action="store_true")
+    seq = g.add_mutually_exclusive_group()
+    _add(seq, "--true-sequential", "prune.true_sequential", "each group of a block's layers takes its "
+         "Hessian from the block with the groups before it solved (GPTQ's true-sequential; "
+         "default: on when quantizing, off when only pruning)", action="store_true", default=None)
+    _add(seq, "--no-true-sequential", "prune.true_sequential", "every group's Hessian from the "
+         "block as it was, also when quantizing", action="store_false", default=None)
 
 
 def _add_runtime_arguments(parser: argparse.ArgumentParser) -> None:

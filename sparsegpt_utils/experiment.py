@@ -362,7 +362,7 @@ def _settings_row(exp: Experiment, seqlen: int, calib: TextSource | None, evalua
         "owl": p.owl, "exact_update": p.exact_update, "reconstruct": p.reconstruct,
         "eval": evaluation.used if evaluation else None, "eval_windows": None,
     }
-    if p.true_sequential:  # recorded only when on: rows from before the option stay comparable
+    if p.sequential_groups:  # recorded only when on: rows from before the option stay comparable
         row["true_sequential"] = True
     for key, text in (("calib", calib), ("eval", evaluation)):
         if text is not None and text.fell_back:

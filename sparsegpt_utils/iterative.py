@@ -452,7 +452,7 @@ def prune_row_keys(prune: PruneConfig) -> dict:
            "groupsize": None if quant is None else quant.groupsize,
            "percdamp": prune.percdamp, "blocksize": prune.blocksize, "mask_blocksize": prune.mask_blocksize,
            "owl": prune.owl, "exact_update": prune.exact_update, "reconstruct": prune.reconstruct}
-    if prune.true_sequential:
+    if prune.sequential_groups:
         row["true_sequential"] = True
     if prune.owl:
         row.update(owl_lambda=prune.owl_lambda, owl_m=prune.owl_m)

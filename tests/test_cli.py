@@ -268,6 +268,20 @@ def test_every_pruning_option_reaches_the_prune_config():
     assert (p.quant.bits, p.quant.groupsize, p.calibration_batch_size) == (3, 64, 2)
     assert (p.owl, p.owl_lambda, p.owl_m, p.exact_update) == (True, 0.1, 7.0, True)
     assert (p.reconstruct, p.reconstruct_steps, p.reconstruct_lr) == (True, 3, 0.01)
+    assert p.act_order and p.true_sequential is None and p.sequential_groups  # quantizing: both on
+
+
+@pytest.mark.parametrize("flags, wbits, expected", [
+    ([], None, (None, False)), ([], "4", (None, True)), (["--true-sequential"], None, (True, True)),
+    (["--no-true-sequential"], "4", (False, False)), (["--no-act-order"], "4", (None, True))])
+def test_true_sequential_flags_and_default(flags, wbits, expected):
+    """True-sequential is on when quantizing unless --no-true-sequential, off when only pruning
+    unless --true-sequential."""
+    argv = ["prune", "--model", "org/name", "--density", "0.5", "--calib", "stdlib", "--device", "cpu"]
+    argv += flags + (["--wbits", wbits] if wbits else [])
+    p = cli.experiment_from_args(build_parser().parse_args(argv)).prune
+    assert (p.true_sequential, p.sequential_groups) == expected
+    assert p.act_order is ("--no-act-order" not in flags)
 
 
 def test_iterative_runs_and_exits_zero(tiny_model_dir, tmp_path, stdlib_text_cached, capsys):

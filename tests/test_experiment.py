@@ -185,7 +185,11 @@ def test_notebook1_quantization_parameters_reach_the_prune_config(tmp_path):
     assert prune.mixed.unit == "row" and prune.mixed.target_avg_bits == 4.03 and prune.quant.groupsize == 128
     quantized = _prepared_parameters(tmp_path, "-p", "DEVICE", "cpu", "-p", "wbits", "4")
     defaults = experiments_from_parameters({**quantized, "COMPARE_WITH": []})[0].prune
-    assert (defaults.act_order, defaults.true_sequential, defaults.mixed) == (True, False, None)
+    assert (defaults.act_order, defaults.true_sequential, defaults.mixed) == (True, None, None)
+    assert defaults.sequential_groups  # on when quantizing
+    pruned_only = experiments_from_parameters({**_prepared_parameters(tmp_path, "-p", "DEVICE", "cpu"),
+                                               "COMPARE_WITH": []})[0].prune
+    assert pruned_only.quant is None and not pruned_only.sequential_groups
     with pytest.raises(ValueError, match="groupsize"):
         experiments_from_parameters({**params, "groupsize": None, "mixed_unit": "group"})
 

@@ -315,7 +315,7 @@ def test_rows_that_keep_nothing_are_counted_and_warned_once():
 
 
 @pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
-@pytest.mark.parametrize("true_sequential", [False, True])
+@pytest.mark.parametrize("true_sequential", [False, True, None])  # None: on, as it quantizes
 def test_true_sequential_hessians_come_from_the_solved_groups(monkeypatch, make, true_sequential):
     """With true_sequential each group's Hessian is that of its inputs in the block with the
     groups before it solved (what the final model's first block feeds it: nothing after a
@@ -338,7 +338,7 @@ def test_true_sequential_hessians_come_from_the_solved_groups(monkeypatch, make,
     first = get_adapter(model).blocks_path + ".0."
     assert len(seen) == 4
     for name, hessian in seen.items():
-        source = model if true_sequential else dense
+        source = dense if true_sequential is False else model
         layer = dict(pruned_linears(source))[name]
         acc = HessianAccumulator(layer.in_features)
         handle = layer.register_forward_hook(lambda _m, inp, _out: acc.add(inp[0]))
@@ -349,7 +349,7 @@ def test_true_sequential_hessians_come_from_the_solved_groups(monkeypatch, make,
         assert name.startswith(first)
         torch.testing.assert_close(hessian, acc.hessian, rtol=1e-4, atol=1e-6)
     # the first group reads the block's input, the same either way; the later ones differ
-    if true_sequential:
+    if true_sequential is not False:
         names = list(seen)
         dense_layers = dict(pruned_linears(dense))
         late = dense_layers[names[-1]]
