@@ -8,7 +8,9 @@ Recipes (density = fraction KEPT, sparsity = 1 − density):
 - ``oneshot``: prune once to the target density, then fine-tune ``--steps`` steps;
 - ``iter4``: the schedule 0.5 → 0.3 → 0.2 → 0.1 (cut at the target), ``--steps`` split evenly
   over the levels, each level re-pruned on the current model (masks only shrink);
-- ``cubicK``: a cubic schedule of K levels to the target (``iterative.cubic_schedule``).
+- ``cubicK``: a cubic schedule of K levels to the target (``iterative.cubic_schedule``);
+- ``via<d>[/<d>...]``: the given densities, then the target (``via0.2`` at 0.1: 0.2 → 0.1), so a
+  run at 0.1 also reports 0.2 after its first level's fine-tuning, at the time spent by then.
 Losses: ``kd`` (token KL to the dense model), ``kd+sh`` (KL + SquareHead), ``lm+kd``.
 Every level prunes with ``--method`` on ``--calib-samples`` × ``--calib-seqlen`` tokens of the
 training text (a new draw per level), with ``--owl`` / ``--exact-update`` / ``--reconstruct``.
@@ -35,7 +37,7 @@ import torch  # noqa: E402
 
 from sparsegpt_utils.data import calibration_windows_from_ids, eval_tokens, tokenize_text  # noqa: E402
 from sparsegpt_utils.evaluate import density_report, overall_density, perplexity  # noqa: E402
-from sparsegpt_utils.finetune import FinetuneConfig, finetune, split_train_validation  # noqa: E402
+from sparsegpt_utils.finetune import LR_SCHEDULES, FinetuneConfig, finetune, split_train_validation  # noqa: E402
 from sparsegpt_utils.iterative import check_no_overlap, cubic_schedule, training_text  # noqa: E402
 from sparsegpt_utils.models import load_model  # noqa: E402
 from sparsegpt_utils.owl import block_params, outlier_ratios, owl_densities  # noqa: E402
@@ -57,7 +59,16 @@ def schedule(recipe: str, density: float) -> list[float]:
         return [d for d in ITER4 if d > density + 1e-9] + [density]
     if recipe.startswith("cubic") and recipe[5:].isdigit() and int(recipe[5:]) >= 1:
         return cubic_schedule(density, int(recipe[5:]))
-    raise ValueError(f"--recipes: {recipe!r} is not one of oneshot, iter4, cubicK (K >= 1)")
+    if recipe.startswith("via"):
+        try:
+            levels = [float(x) for x in recipe[3:].split("/")] + [density]
+        except ValueError:
+            levels = []
+        if levels and all(1 > a > b > 0 for a, b in zip(levels, levels[1:])):
+            return levels
+        raise ValueError(f"--recipes: {recipe!r}: via<d>/<d>... needs densities in (0, 1) "
+                         f"decreasing to the target {density}")
+    raise ValueError(f"--recipes: {recipe!r} is not one of oneshot, iter4, cubicK (K >= 1), via<d>[/<d>...]")
 
 
 def parse_args(argv=None):
@@ -74,6 +85,7 @@ def parse_args(argv=None):
     a("--grad-accum", type=int, default=1)
     a("--seqlen", type=int, default=256)
     a("--warmup-steps", type=int, default=2)
+    a("--lr-schedule", default="constant", choices=LR_SCHEDULES, help="after warm-up, within each level")
     a("--method", default="sparsegpt", choices=METHODS)
     a("--owl", action="store_true")
     a("--exact-update", action="store_true")
@@ -97,7 +109,10 @@ def parse_args(argv=None):
     args.lr_list = [float(x) for x in args.lrs.split(",") if x.strip()]
     for r in args.recipe_list:
         for d in args.density_list:
-            schedule(r, d)  # a bad recipe name fails here, before any long work
+            try:
+                schedule(r, d)  # a bad recipe name fails here, before any long work
+            except ValueError as e:
+                p.error(str(e))
     bad = [x for x in args.loss_list if x not in LOSSES]
     if bad:
         p.error(f"--losses: {bad} not in {list(LOSSES)}")
@@ -123,15 +138,18 @@ def main(argv=None):
         return perplexity(m, ev, seqlen=args.eval_seqlen, max_windows=args.eval_windows, device=device,
                           progress=False).ppl
 
-    ratios = None
+    ratios, owl_seconds = None, 0.0
     if args.owl:  # outlier ratios of the dense model, once: per-block densities then only fall
+        t0 = time.perf_counter()
         calib = calibration_windows_from_ids(train_part, args.calib_samples, args.calib_seqlen, args.seed)
         ratios = outlier_ratios(dense, calib, 5.0, device, False)
+        owl_seconds = time.perf_counter() - t0  # charged to every recipe's first level
     base = dict(model=args.model, method=args.method, owl=args.owl, exact_update=args.exact_update,
                 reconstruct=args.reconstruct, calib="wikitext2-valid", calib_samples=args.calib_samples,
                 seqlen=args.calib_seqlen, seed=args.seed, eval="wikitext2", eval_windows=args.eval_windows,
                 eval_seqlen=args.eval_seqlen, batch_size=args.batch_size * args.grad_accum,
-                train_seqlen=args.seqlen, device=device.type, threads=args.threads)
+                train_seqlen=args.seqlen, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
+                adamw=args.adamw, device=device.type, threads=args.threads)
     rows = [{**base, "recipe": "dense", "family": "dense", "method": "dense", "loss": None, "lr": None,
              "density": 1.0, "density_target": 1.0, "sparsity": 0.0, "ppl": ppl(dense),
              "train_tokens": 0, "seconds": 0.0, "level": 0, "final": True}]
@@ -141,7 +159,7 @@ def main(argv=None):
             for loss in args.loss_list:
                 for lr in args.lr_list:
                     rows += run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device,
-                                       density, recipe, loss, lr, base)
+                                       density, recipe, loss, lr, base, owl_seconds)
                     write_csv_atomic(f"{args.out}.csv", pd.DataFrame(rows))
     table = pd.DataFrame(rows)
     write_csv_atomic(f"{args.out}.csv", table)
@@ -153,7 +171,7 @@ def main(argv=None):
 
 
 def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, density, recipe, loss, lr,
-               base) -> list[dict]:
+               base, owl_seconds=0.0) -> list[dict]:
     """One recipe at one final density: rows at every evaluation point (``seconds``: pruning and
     training so far, evaluations excluded)."""
     levels = schedule(recipe, density)
@@ -161,9 +179,10 @@ def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, d
     model = copy.deepcopy(dense).requires_grad_(True)
     family = "sparsegpt+finetune" if recipe == "oneshot" else "iterative"
     tag = f"{recipe} {loss} lr={lr:g} → {density}"
-    out, masks, tokens, spent = [], None, 0, 0.0
+    out, masks, tokens, spent = [], None, 0, owl_seconds
     ft_base = FinetuneConfig(lr=lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                              seqlen=args.seqlen, warmup_steps=args.warmup_steps, val_windows=0,
+                             lr_schedule=args.lr_schedule,
                              adamw=args.adamw,
                              teacher_dtype=args.teacher_dtype, mixed_precision=args.mixed_precision,
                              **LOSSES[loss])

@@ -248,7 +248,7 @@ def _eval(args) -> int:
 
 def _iterative_parser(p: argparse.ArgumentParser) -> None:
     """``iterative``: the pruning options of ``prune`` carried to every level of the schedule."""
-    from .finetune import FinetuneConfig
+    from .finetune import ADAMW_IMPLS, LR_SCHEDULES, FinetuneConfig
     from .iterative import IterativeConfig
 
     def d(name):
@@ -286,6 +286,10 @@ def _iterative_parser(p: argparse.ArgumentParser) -> None:
         _add(g, flag, f"finetune.{name}", text, type=kind, default=getattr(ft, name))
     _add(g, "--gradient-checkpointing", "finetune.gradient_checkpointing", "recompute activations "
          "in the backward pass", action="store_true")
+    _add(g, "--adamw", "finetune.adamw", "AdamW implementation (foreach: 1.2x tokens/s on CPU, "
+         "bench/bench_finetune.py)", default=ft.adamw, choices=ADAMW_IMPLS)
+    _add(g, "--lr-schedule", "finetune.lr_schedule", "after warm-up: constant, or decayed to 0 by each "
+         "level's last step", default=ft.lr_schedule, choices=LR_SCHEDULES)
     _add(g, "--mixed-precision", "finetune.mixed_precision", "training precision (bf16 on GPU)",
          default=ft.mixed_precision, choices=("no", "bf16", "fp16"))
     g = p.add_argument_group("evaluation")

@@ -26,6 +26,7 @@ import time
 from collections.abc import Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass
+from functools import partial
 
 import pandas as pd
 import torch
@@ -53,6 +54,7 @@ __all__ = [
 
 ADAMW_IMPLS = ("default", "foreach", "fused")
 TEACHER_DTYPES = ("same", "bfloat16")
+LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 @dataclass
@@ -67,6 +69,9 @@ class FinetuneConfig:
     seqlen: int = 512
     weight_decay: float = 0.0
     warmup_steps: int = 0
+    # after warm-up: "constant", or decayed to 0 at the last step ("linear", "cosine"), which a
+    # fixed token budget favours
+    lr_schedule: str = "constant"
     max_grad_norm: float = 1.0
     lm_weight: float = 1.0
     kd_weight: float = 0.0
@@ -99,6 +104,8 @@ class FinetuneConfig:
             raise ValueError(f"kd_temperature must be > 0, got {self.kd_temperature}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', got {self.mixed_precision!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.adamw not in ADAMW_IMPLS:
             raise ValueError(f"adamw must be one of {ADAMW_IMPLS}, got {self.adamw!r}")
         if self.teacher_dtype not in TEACHER_DTYPES:
@@ -349,6 +356,18 @@ def finetune(
     return FinetuneResult(pd.DataFrame(log), val_before, val_after, kept, time.perf_counter() - start, tokens)
 
 
+def lr_factor(config: FinetuneConfig, step: int) -> float:
+    """The learning rate of 0-based optimizer step ``step``, as a fraction of ``config.lr``: linear
+    warm-up over ``warmup_steps``, then ``lr_schedule`` (decays end at 0 after the last step)."""
+    if step < config.warmup_steps:
+        return (step + 1) / config.warmup_steps
+    if config.lr_schedule == "constant":
+        return 1.0
+    span = max(1, config.steps - config.warmup_steps)
+    left = max(0.0, 1.0 - (step - config.warmup_steps) / span)  # 1 at the first step after warm-up
+    return left if config.lr_schedule == "linear" else 0.5 * (1.0 - math.cos(math.pi * left))
+
+
 def _train(model, teacher, train_ids, config: FinetuneConfig, accelerator, log, progress,
            callback=None) -> int:
     if config.gradient_checkpointing:
@@ -357,9 +376,7 @@ def _train(model, teacher, train_ids, config: FinetuneConfig, accelerator, log, 
     params = [p for p in model.parameters() if p.requires_grad]
     impl = {"default": {}, "foreach": {"foreach": True}, "fused": {"fused": True}}[config.adamw]
     optimizer = torch.optim.AdamW(params, lr=config.lr, weight_decay=config.weight_decay, **impl)
-    warm = max(1, config.warmup_steps)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warm) if config.warmup_steps else 1.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, partial(lr_factor, config))
     wrapped, optimizer = accelerator.prepare(model, optimizer)
     world, rank = accelerator.num_processes, accelerator.process_index
     generator = torch.Generator().manual_seed(config.seed)  # same on every process

@@ -314,9 +314,11 @@ def test_iterative_carries_every_pruning_option(monkeypatch):
         main(["iterative", "--model", "org/name", "--densities", "0.5,0.25", "--method", "wanda",
               "--wbits", "4", "--groupsize", "32", "--percdamp", "0.05", "--blocksize", "64",
               "--mask-blocksize", "64", "--owl", "--owl-m", "6", "--exact-update", "--fallback-text",
+              "--reconstruct", "--lr-schedule", "cosine", "--warmup-steps", "3", "--adamw", "foreach",
               "--device", "cpu"])
     config = stop.value.args[0]
-    p = config.prune
+    p, ft = config.prune, config.finetune
+    assert (ft.lr_schedule, ft.warmup_steps, ft.adamw, p.reconstruct) == ("cosine", 3, "foreach", True)
     assert config.densities == [0.5, 0.25] and config.fallback and config.device == "cpu"
     assert (p.method, p.quant.bits, p.quant.groupsize, p.percdamp, p.blocksize) == ("wanda", 4, 32, 0.05, 64)
     assert (p.owl, p.owl_m, p.exact_update) == (True, 6.0, True)

@@ -21,6 +21,7 @@ from sparsegpt_utils.finetune import (
     finetune,
     kd_loss,
     lm_loss,
+    lr_factor,
     masks_kept,
     pad_batch,
     split_train_validation,
@@ -159,6 +160,8 @@ def test_bad_input_names_the_parameter():
         FinetuneConfig(seqlen=1)
     with pytest.raises(ValueError, match="mixed_precision"):
         FinetuneConfig(mixed_precision="fp8")
+    with pytest.raises(ValueError, match="lr_schedule"):
+        FinetuneConfig(lr_schedule="step")
     with pytest.raises(ValueError, match="teacher"):
         finetune(tiny_llama(), _tokens(), FinetuneConfig(kd_weight=1.0), progress=False)
     with pytest.raises(ValueError, match="val_tokens"):
@@ -281,3 +284,26 @@ def test_callback_sees_each_step_with_masked_weights():
     finetune(model, _tokens(), FinetuneConfig(steps=3, lr=1e-2, seqlen=32, val_windows=0), masks=masks,
              progress=False, callback=callback)
     assert seen == [(1, True), (2, True), (3, True)]
+
+
+@pytest.mark.parametrize("schedule", ["constant", "linear", "cosine"])
+def test_lr_schedule_warms_up_then_follows_its_shape_to_zero(schedule):
+    steps, warm, lr = 10, 2, 1e-2
+    config = FinetuneConfig(steps=steps, lr=lr, seqlen=32, warmup_steps=warm, lr_schedule=schedule,
+                            val_windows=0)
+    model, masks = _pruned(tiny_llama)
+    res = finetune(model, _tokens(), config, masks=masks, progress=False)
+    # the log records the rate after each step's scheduler update: the next step's rate
+    used = [lr * lr_factor(config, s) for s in range(steps)]
+    assert res.log["lr"].tolist()[:-1] == pytest.approx(used[1:])
+    assert used[:warm] == pytest.approx([lr / 2, lr])
+    span = steps - warm
+    for s in range(warm, steps):
+        left = 1 - (s - warm) / span
+        expect = {"constant": 1.0, "linear": left, "cosine": 0.5 * (1 - math.cos(math.pi * left))}[schedule]
+        assert used[s] == pytest.approx(lr * expect)
+    if schedule != "constant":
+        assert used[warm] == pytest.approx(lr)
+        assert 0 < used[-1] <= lr / span * (1 + 1e-9)  # the last step still learns; 0 comes after it
+        assert all(a >= b for a, b in zip(used[warm:], used[warm + 1:]))
+    assert res.masks_kept
