@@ -286,7 +286,7 @@ def _iterative_parser(p: argparse.ArgumentParser) -> None:
         _add(g, flag, f"finetune.{name}", text, type=kind, default=getattr(ft, name))
     _add(g, "--gradient-checkpointing", "finetune.gradient_checkpointing", "recompute activations "
          "in the backward pass", action="store_true")
-    _add(g, "--adamw", "finetune.adamw", "AdamW implementation (foreach: 1.2x tokens/s on CPU, "
+    _add(g, "--adamw", "finetune.adamw", "AdamW implementation (fused, foreach: 1.1x tokens/s on CPU, "
          "bench/bench_finetune.py)", default=ft.adamw, choices=ADAMW_IMPLS)
     _add(g, "--lr-schedule", "finetune.lr_schedule", "after warm-up: constant, or decayed to 0 by each "
          "level's last step", default=ft.lr_schedule, choices=LR_SCHEDULES)

@@ -40,6 +40,7 @@ __all__ = [
     "FinetuneConfig",
     "FinetuneResult",
     "finetune",
+    "lr_factor",
     "current_masks",
     "masks_kept",
     "split_train_validation",
