@@ -66,8 +66,12 @@ def parse_variant(variant: str) -> dict:
 
 def row_key(args, method: str, density: float | None, nm: str | None, variant: str) -> dict:
     """What a row was asked to measure: rows agreeing on all of it are the same measurement."""
-    return {"method": method, "density": density, "nm": nm, "variant": variant,
-            **{k: getattr(args, k) for k in SETTINGS}}
+    key = {"method": method, "density": density, "nm": nm, "variant": variant,
+           **{k: getattr(args, k) for k in SETTINGS}}
+    # rows measured before owl_samples existed used every calibration sample: they lack the column
+    key["owl_samples"] = args.owl_samples if parse_variant(variant)["owl"] else None
+    key["timed_dense_eval"] = True if args.time_dense_eval and method != "dense" else None
+    return key
 
 
 def measure_row(args, method: str, density: float | None, nm: str | None, variant: str) -> dict:
@@ -75,8 +79,14 @@ def measure_row(args, method: str, density: float | None, nm: str | None, varian
     model, tok = load_model(args.model, dtype="float32")
     row = {**row_key(args, method, density, nm, variant), "threads": torch.get_num_threads()}
     test = eval_tokens(tok, args.eval, seqlen=args.seqlen)
+    if method != "dense" and args.time_dense_eval:  # the unit of prune time, in this process
+        t0 = time.perf_counter()
+        perplexity(model, test, seqlen=args.seqlen, max_windows=args.eval_windows, progress=False)
+        row["dense_eval_seconds"] = time.perf_counter() - t0
     if method != "dense":
         fields = parse_variant(variant)
+        if fields["owl"]:
+            fields["owl_samples"] = args.owl_samples
         config = PruneConfig(method=method, density=density or 1.0, nm=nm, **fields)
         calib = calibration_windows(tok, args.calib, args.calib_samples, args.seqlen, 0)
         t0 = time.perf_counter()
@@ -91,6 +101,8 @@ def measure_row(args, method: str, density: float | None, nm: str | None, varian
     achieved = overall_density(density_report(model))
     t0 = time.perf_counter()
     ppl = perplexity(model, test, seqlen=args.seqlen, max_windows=args.eval_windows, progress=False)
+    if "dense_eval_seconds" in row:
+        row["prune_dense_eval_passes"] = row["prune_seconds"] / row["dense_eval_seconds"]
     row.update(density_achieved=achieved, sparsity_achieved=1 - achieved, ppl=ppl.ppl,
                eval_seconds=time.perf_counter() - t0,
                peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
@@ -104,8 +116,10 @@ def _done(out: Path, key: dict) -> bool:
     if "variant" not in table:  # rows measured before variants existed are the plain ones
         table["variant"] = "plain"
     for k, v in key.items():
-        if k not in table:
-            return False
+        if k not in table:  # a setting the rows do not record: theirs was the default (None)
+            if v is not None:
+                return False
+            continue
         table = table[table[k].isna()] if v is None else table[table[k].astype(str) == str(v)]
     return len(table) > 0
 
@@ -137,6 +151,11 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=2048)
     p.add_argument("--eval", default="wikitext2")
     p.add_argument("--eval-windows", type=int, default=32)
+    p.add_argument("--time-dense-eval", action="store_true",
+                   help="also time the dense model's evaluation in each row's process, before pruning "
+                        "(prune_dense_eval_passes = prune seconds / those)")
+    p.add_argument("--owl-samples", type=int, default=PruneConfig.owl_samples,
+                   help="OWL variants: calibration samples the outlier ratios are measured on")
     p.add_argument("--protocol", choices=["p1"],
                    help="the full grid: sparsegpt, wanda, admm × plain, owl, reconstruct, "
                         "owl+reconstruct × 0.5, 2:4, 0.3, 0.1")
@@ -160,8 +179,9 @@ def main() -> None:
             print(f"{method} {density or nm} {variant}: already in {out}, skipped", flush=True)
             continue
         argv = [sys.executable, __file__, "--row", json.dumps([method, density, nm, variant])]
-        for name in SETTINGS:
+        for name in SETTINGS + ("owl_samples",):
             argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
+        argv += ["--time-dense-eval"] if args.time_dense_eval else []
         proc = subprocess.run(argv, capture_output=True, text=True)
         lines = [x for x in proc.stdout.splitlines() if x.startswith("ROW_JSON ")]
         if proc.returncode != 0 or not lines:

@@ -104,6 +104,9 @@ def add_prune_arguments(parser: argparse.ArgumentParser, target: bool = True) ->
          default=_default(PruneConfig, "owl_lambda"))
     _add(g, "--owl-m", "prune.owl_m", "OWL: outlier threshold, x the mean Wanda score", type=float,
          default=_default(PruneConfig, "owl_m"))
+    _add(g, "--owl-samples", "prune.owl_samples", "OWL: calibration samples the outlier ratios "
+         "are measured on (the first ones)",
+         type=int, default=_default(PruneConfig, "owl_samples"))
     _add(g, "--exact-update", "prune.exact_update", "the exact weight update for the chosen mask",
          action="store_true")
     _add(g, "--reconstruct", "prune.reconstruct",

@@ -364,6 +364,8 @@ def _settings_row(exp: Experiment, seqlen: int, calib: TextSource | None, evalua
     }
     if p.sequential_groups:  # recorded only when on: rows from before the option stay comparable
         row["true_sequential"] = True
+    if p.owl:  # before owl_samples, the ratios used every calibration sample: those rows lack it
+        row["owl_samples"] = p.owl_samples
     for key, text in (("calib", calib), ("eval", evaluation)):
         if text is not None and text.fell_back:
             row[f"{key}_requested"] = text.requested

@@ -358,7 +358,7 @@ def run_iterative(
     if config.prune.owl:  # on the dense model, once: densities then fall monotonically per block
         calib = calibration_windows_from_ids(train_part, config.calib_samples, config.calib_seqlen,
                                              config.seed, "training text")
-        ratios = outlier_ratios(model, calib, config.prune.owl_m, device, progress)
+        ratios = outlier_ratios(model, calib[:config.prune.owl_samples], config.prune.owl_m, device, progress)
 
     if done:
         _load_step(model, run_dir / f"step_{done[-1]['step']:02d}")
@@ -455,7 +455,7 @@ def prune_row_keys(prune: PruneConfig) -> dict:
     if prune.sequential_groups:
         row["true_sequential"] = True
     if prune.owl:
-        row.update(owl_lambda=prune.owl_lambda, owl_m=prune.owl_m)
+        row.update(owl_lambda=prune.owl_lambda, owl_m=prune.owl_m, owl_samples=prune.owl_samples)
     if prune.reconstruct:
         row.update(reconstruct_steps=prune.reconstruct_steps, reconstruct_lr=prune.reconstruct_lr)
     if mixed is not None:

@@ -85,7 +85,8 @@ class MatrixView:
 
     ``weight`` is a view into the real parameter, so reading it costs nothing and an in-place
     write (``weight.copy_``, ``weight.mul_``) changes the model. ``register_forward_hook``
-    hooks the owning module and calls ``hook(view, inputs, output)``.
+    (``register_forward_pre_hook``) hooks the owning module and calls ``hook(view, inputs,
+    output)`` (``hook(view, inputs)``).
     """
 
     def __init__(self, module: nn.Module, transposed: bool = False,
@@ -111,6 +112,9 @@ class MatrixView:
 
     def register_forward_hook(self, hook: Callable):
         return self.module.register_forward_hook(lambda _m, inputs, output: hook(self, inputs, output))
+
+    def register_forward_pre_hook(self, hook: Callable):
+        return self.module.register_forward_pre_hook(lambda _m, inputs: hook(self, inputs))
 
     def __getattr__(self, name: str):
         # only reached for what a view lacks: say what it is instead of a bare AttributeError

@@ -56,7 +56,8 @@ class PruneConfig:
     giving each row its bit width; normally built from ``mixed`` instead.
     prior_masks: masks from an earlier step (layer name -> bool, True = may be kept).
     owl: per-block densities from outlier ratios (OWL), same global density; owl_lambda is the
-    spread, owl_m the outlier threshold (× the mean Wanda score).
+    spread, owl_m the outlier threshold (× the mean Wanda score), owl_samples how many
+    calibration samples (the first ones; None: all) the outlier ratios are measured on.
     exact_update: after the mask is chosen, the exact (ADMM) weight update for that mask.
     reconstruct: after a block's layers are pruned, ``reconstruct_steps`` optimizer steps
     (learning rate ``reconstruct_lr``) fit the pruned block to the dense block's outputs, masks kept;
@@ -92,6 +93,9 @@ class PruneConfig:
     owl: bool = False
     owl_lambda: float = 0.08
     owl_m: float = 5.0
+    # 8 × 2048 tokens give block densities within 0.0075 (mean 0.002) of 32 × 2048's on
+    # smollm2-135m at density 0.5, for a quarter of the dense pass (bench/README.md)
+    owl_samples: int | None = 8
     exact_update: bool = False
     reconstruct: bool = False
     reconstruct_steps: int = 20
@@ -120,6 +124,8 @@ class PruneConfig:
             raise ValueError("owl (layer-wise densities) does not apply to N:M patterns: drop --owl or --nm")
         if self.owl and not (self.owl_lambda >= 0 and self.owl_m > 0):
             raise ValueError(f"owl_lambda must be >= 0 and owl_m > 0, got {self.owl_lambda}, {self.owl_m}")
+        if self.owl_samples is not None and self.owl_samples < 1:
+            raise ValueError(f"owl_samples must be >= 1 (or None: all), got {self.owl_samples}")
         if self.reconstruct and (self.reconstruct_steps < 1 or not self.reconstruct_lr > 0):
             raise ValueError(f"reconstruct_steps must be >= 1 and reconstruct_lr > 0, "
                              f"got {self.reconstruct_steps}, {self.reconstruct_lr}")
@@ -161,7 +167,7 @@ class PruneResult:
     peak_gpu_mb: float | None = None  # peak CUDA memory allocated while pruning, MiB
     quant_stats: QuantizationStats | None = field(default=None, repr=False)  # mixed precision: widths, bits
     # one row per block: block, params, density_target (and reconstruct_error_before/_after,
-    # Σ‖block(x) − y‖² / Σ‖y‖² on the calibration, with reconstruct)
+    # Σ‖block(x) − y‖² / Σ‖y‖² on the first 4 calibration batches, with reconstruct)
     blocks: pd.DataFrame | None = None
     block_densities: list[float] | None = None  # per-block densities used (OWL or given)
     owl: bool = False
@@ -228,7 +234,7 @@ def prune_model(
                          "magnitude (and for owl, exact_update, reconstruct)")
 
     if config.owl:
-        ratios = outlier_ratios(model, calibration, config.owl_m, device, progress,
+        ratios = outlier_ratios(model, calibration[:config.owl_samples], config.owl_m, device, progress,
                                 config.calibration_batch_size, offload_activations)
         params = block_params(model)
         densities = owl_densities(ratios, config.density, config.owl_lambda, params)
@@ -252,23 +258,20 @@ def prune_model(
         accumulators: dict[int, HessianAccumulator] = {}
         targets = part_targets = None
         if needs_data:
-            handles = []
+            hooked = {}
             for g, group in enumerate(groups):
                 layer = group[0][1]
                 accumulators[g] = HessianAccumulator(
                     layer.in_features, device, diagonal_only=wanda_only,
                     name=f"{adapter.blocks_path}.{index}.{group[0][0]}")
                 if g == 0 or not config.sequential_groups:
-                    handles.append(layer.register_forward_hook(
-                        lambda _m, inp, _out, acc=accumulators[g]: acc.add(inp[0])))
+                    hooked[layer] = accumulators[g]
             from_pruned = config.reconstruct and config.reconstruct_targets == "pruned-inputs"
-            with _capture(parts if from_pruned else [], storage) as captured:  # pass 1: Hessians
-                outs = run_inputs(step)
-            if from_pruned:
-                targets, part_targets = outs, captured
-            del outs
-            for h in handles:
-                h.remove()
+            if from_pruned:  # pass 1: Hessians, and the block's outputs as targets
+                with _capture(parts, storage) as captured, _accumulating(hooked):
+                    targets, part_targets = run_inputs(step), captured
+            else:  # pass 1: Hessians only, each forward stopped once the last hooked layer has its input
+                _accumulate_inputs(step, hooked)
             if config.reconstruct and config.reconstruct_targets == "dense-inputs":
                 if dense_inputs is None:
                     dense_inputs = list(inputs)
@@ -281,7 +284,7 @@ def prune_model(
             names = [f"{adapter.blocks_path}.{index}.{n}" for n, _ in group]
             if needs_data and config.sequential_groups and g > 0:  # inputs from the solved groups
                 forward_start = time.perf_counter()
-                _accumulate_inputs(step, group[0][1], accumulators[g])
+                _accumulate_inputs(step, {group[0][1]: accumulators[g]})
                 t0 += time.perf_counter() - forward_start  # a forward, not solver time
             hessian = accumulators[g].hessian if needs_data else None
             with warnings.catch_warnings():  # counted per layer below, reported once per run
@@ -339,22 +342,40 @@ class _InputsSeen(Exception):
     """Raised by the hook of :func:`_accumulate_inputs` once the layer has its input."""
 
 
-def _accumulate_inputs(step, layer: nn.Module, accumulator: HessianAccumulator) -> None:
-    """Add ``layer``'s input on every calibration batch of the block to ``accumulator``; each
-    forward stops at the layer (the rest of the block is not run)."""
-    def seen(_m, inp):
-        accumulator.add(inp[0])
-        raise _InputsSeen
+def _accumulate_inputs(step, accumulators: dict[nn.Module, HessianAccumulator]) -> None:
+    """Add each layer's input on every calibration batch of the block to its accumulator;
+    each forward stops once every layer has had its input (the rest of the block, e.g. the
+    MLP's down projection when it is the last layer, is not run)."""
+    seen: set[nn.Module] = set()
 
-    handle = layer.register_forward_pre_hook(seen)
-    try:
+    def stop_when_all_seen(layer):
+        seen.add(layer)
+        if len(seen) == len(accumulators):
+            raise _InputsSeen
+
+    with _accumulating(accumulators, stop_when_all_seen):
         for x in step.inputs:
+            seen.clear()
             try:
                 run_block(step.block, x.to(step.device), step.kwargs[x.shape[0]])
             except _InputsSeen:
                 pass
+
+
+@contextmanager
+def _accumulating(accumulators: dict[nn.Module, HessianAccumulator], then=None):
+    """While open, each layer's input goes to its accumulator (then ``then(layer)``)."""
+    def hook(layer, inp):
+        accumulators[layer].add(inp[0])
+        if then is not None:
+            then(layer)
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in accumulators]
+    try:
+        yield
     finally:
-        handle.remove()
+        for h in handles:
+            h.remove()
 
 
 @contextmanager

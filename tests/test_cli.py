@@ -61,6 +61,7 @@ def tiny_prune(model_dir, *more):
     (["--density", "0.5", "--dtype", "float8"], "dtype"),
     (["--density", "0.5", "--device", "tpu"], "device"),
     (["--nm", "2:4", "--owl"], "owl"),
+    (["--density", "0.5", "--owl", "--owl-samples", "0"], "owl_samples"),
 ])
 def test_bad_input_fails_fast_naming_the_parameter(argv, needle, capsys):
     code, _, err = run(["prune", *argv], capsys)
@@ -260,13 +261,14 @@ def test_every_pruning_option_reaches_the_prune_config():
     args = build_parser().parse_args([
         "prune", "--model", "org/name", "--sparsity", "0.7", "--method", "wanda", "--wbits", "3",
         "--groupsize", "64", "--percdamp", "0.05", "--blocksize", "64", "--mask-blocksize", "32",
-        "--calib-batch-size", "2", "--owl", "--owl-lambda", "0.1", "--owl-m", "7", "--exact-update",
+        "--calib-batch-size", "2", "--owl", "--owl-lambda", "0.1", "--owl-m", "7", "--owl-samples", "3",
+        "--exact-update",
         "--reconstruct", "--reconstruct-steps", "3", "--reconstruct-lr", "0.01", "--calib", "stdlib",
         "--device", "cpu"])
     p = cli.experiment_from_args(args).prune
     assert (p.method, p.density, p.percdamp, p.blocksize, p.mask_blocksize) == ("wanda", 0.3, 0.05, 64, 32)
     assert (p.quant.bits, p.quant.groupsize, p.calibration_batch_size) == (3, 64, 2)
-    assert (p.owl, p.owl_lambda, p.owl_m, p.exact_update) == (True, 0.1, 7.0, True)
+    assert (p.owl, p.owl_lambda, p.owl_m, p.owl_samples, p.exact_update) == (True, 0.1, 7.0, 3, True)
     assert (p.reconstruct, p.reconstruct_steps, p.reconstruct_lr) == (True, 3, 0.01)
     assert p.act_order and p.true_sequential is None and p.sequential_groups  # quantizing: both on
 

@@ -61,3 +61,16 @@ def test_owl_lambda_zero_is_uniform_and_owl_refuses_nm_and_explicit_densities():
         prune_model(model, CALIB, PruneConfig(owl=True, block_densities=[0.5, 0.5]), progress=False)
     with pytest.raises(ValueError, match="calibration"):
         prune_model(model, None, PruneConfig(method="magnitude", owl=True), progress=False)
+
+
+def test_owl_ratios_come_from_the_first_owl_samples():
+    model = tiny_llama(layers=3)
+    dense = copy.deepcopy(model)
+    res = prune_model(model, CALIB, PruneConfig(density=0.4, owl=True, owl_samples=2), progress=False)
+    params = block_params(dense)
+    first_two = owl_densities(outlier_ratios(dense, CALIB[:2], 5.0, progress=False), 0.4, 0.08, params)
+    every = owl_densities(outlier_ratios(dense, CALIB, 5.0, progress=False), 0.4, 0.08, params)
+    assert res.block_densities == pytest.approx(first_two, abs=1e-12)
+    assert max(abs(a - b) for a, b in zip(first_two, every)) > 1e-6  # the samples were left out
+    with pytest.raises(ValueError, match="owl_samples"):
+        PruneConfig(owl=True, owl_samples=0)

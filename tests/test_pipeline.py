@@ -360,3 +360,21 @@ def test_true_sequential_hessians_come_from_the_solved_groups(monkeypatch, make,
                 dense(x[None])
         handle.remove()
         assert not torch.allclose(seen[names[-1]], acc.hessian, rtol=1e-3)
+
+
+@pytest.mark.parametrize("make", [tiny_llama, tiny_opt])
+@pytest.mark.parametrize("quant", [None, QuantSpec(4)])  # one pass for all Hessians / true-sequential
+def test_hessian_pass_stops_once_every_hooked_layer_has_its_input(make, quant):
+    """The Hessian forwards end at the block's last pruned layer (the MLP's down projection
+    when every group is hooked at once; the attention's input projections when true-sequential
+    hooks one group at a time): its own product is never computed for a Hessian."""
+    model = make(layers=1)  # the last block is not replayed: any call of its last layer is waste
+    block = get_adapter(model).blocks(model)[0]
+    last = get_adapter(model).linear_groups(block)[-1][0][1]
+    lengths = []  # of each call's sequence
+    last.register_forward_hook(lambda _m, inp, _out: lengths.append(inp[0].shape[-2]))
+    calib = torch.randint(3, 128, (3, 32), generator=torch.Generator().manual_seed(2))
+    result = prune_model(model, calib, PruneConfig(density=0.5, quant=quant), progress=False)
+    # one call: the forward that records the blocks' arguments (once per batch size), none per batch
+    assert lengths.count(32) == 1
+    assert len(result.layers) == sum(len(g) for g in get_adapter(model).linear_groups(block))

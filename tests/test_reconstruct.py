@@ -88,3 +88,24 @@ def test_reconstruct_keeps_quantized_weights_on_their_grid():
     la, lb = a.model.layers[0], b.model.layers[0]
     assert torch.equal(la.mlp.down_proj.weight, lb.mlp.down_proj.weight)
     assert not torch.equal(la.input_layernorm.weight, lb.input_layernorm.weight)
+
+
+def test_reconstruct_errors_on_the_checked_batches():
+    model = tiny_llama(layers=1)
+    inputs, kwargs = capture_block_inputs(model, list(CALIB.split(1)))
+    block = get_adapter(model).blocks(model)[0]
+    with torch.no_grad():
+        targets = [run_block(block, x, kwargs[x.shape[0]]) * 1.02 for x in inputs]
+        before = relative_error([run_block(block, x, kwargs[1]) for x in inputs[:2]], targets[:2])
+    masks = {}
+    for group in get_adapter(model).linear_groups(block):
+        for _, layer in group:
+            masks[layer.weight] = magnitude_mask(layer.weight, 1.0)  # nothing pruned: errors from the targets
+    res = reconstruct_block(block, inputs, targets, kwargs, masks, steps=8, lr=1e-3, error_batches=2)
+    assert res.error_before == pytest.approx(before, rel=1e-5)
+    assert len(res.outputs) == len(inputs)  # every batch's output, whatever was checked
+    with torch.no_grad():
+        after = relative_error([run_block(block, x, kwargs[1]) for x in inputs[:2]], targets[:2])
+    assert after == pytest.approx(res.error_after, rel=1e-4) and res.error_after <= res.error_before
+    with pytest.raises(ValueError, match="error_batches"):
+        reconstruct_block(block, inputs, targets, kwargs, masks, error_batches=0)
