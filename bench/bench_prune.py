@@ -85,9 +85,8 @@ def measure_row(args, method: str, density: float | None, nm: str | None, varian
         row["dense_eval_seconds"] = time.perf_counter() - t0
     if method != "dense":
         fields = parse_variant(variant)
-        if fields["owl"]:
-            fields["owl_samples"] = args.owl_samples
-        config = PruneConfig(method=method, density=density or 1.0, nm=nm, **fields)
+        config = PruneConfig(method=method, density=density or 1.0, nm=nm, owl_samples=args.owl_samples,
+                             **fields)
         calib = calibration_windows(tok, args.calib, args.calib_samples, args.seqlen, 0)
         t0 = time.perf_counter()
         result = prune_model(model, calib, config, device="cpu", progress=False)

@@ -339,7 +339,7 @@ def prune_model(
 
 
 class _InputsSeen(Exception):
-    """Raised by the hook of :func:`_accumulate_inputs` once the layer has its input."""
+    """Raised by the hook of :func:`_accumulate_inputs` once every hooked layer has its input."""
 
 
 def _accumulate_inputs(step, accumulators: dict[nn.Module, HessianAccumulator]) -> None:
