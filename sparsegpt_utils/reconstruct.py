@@ -68,6 +68,8 @@ def reconstruct_block(
     of all saves most of a forward pass over the calibration, which the fit itself costs about
     two of.
     """
+    if error_batches is not None and error_batches < 1:
+        raise ValueError(f"error_batches must be >= 1 (or None: all), got {error_batches}")
     device = torch.device(device) if device is not None else next(block.parameters()).device
     dtype = next(block.parameters()).dtype
     frozen = frozen or set()
@@ -80,8 +82,6 @@ def reconstruct_block(
     def run(x):
         return run_block(block, x.to(device, torch.float32), _float_kwargs(kwargs[x.shape[0]]))
 
-    if error_batches is not None and error_batches < 1:
-        raise ValueError(f"error_batches must be >= 1 (or None: all), got {error_batches}")
     checked = len(inputs) if error_batches is None else min(error_batches, len(inputs))
     with torch.no_grad():
         before = relative_error([run(x) for x in inputs[:checked]], targets[:checked])
