@@ -12,7 +12,9 @@ CSV are skipped, so an interrupted run resumes where it stopped.
 ``--act-order`` sweeps the GPTQ / mixed runs in act-order (keys get an ``-ao`` suffix);
 ``--true-sequential`` gives each layer group the inputs of the solved groups before it (``-ts``);
 ``--mixed-unit group`` gives mixed precision one width per grid (needs ``--groupsize``; keys of
-mixed runs get a ``-group`` suffix).
+mixed runs get a ``-group`` suffix); ``--mse`` searches each grid's clipping range for the least
+squared error instead of min–max (``-mse``, RTN and GPTQ keys alike); ``--error-model rounding``
+allocates mixed widths per grid from measured rounding errors (``-rounding``).
 """
 
 from __future__ import annotations
@@ -106,6 +108,10 @@ def main(argv=None):
     p.add_argument("--true-sequential", action="store_true",
                    help="each layer group's Hessian from the block with the groups before it solved "
                         "(keys of GPTQ / mixed runs end in -ts)")
+    p.add_argument("--mse", action="store_true", help="clipping search per grid (keys end in -mse)")
+    p.add_argument("--error-model", choices=("range", "rounding"), default="range",
+                   help="mixed per group: modelled (range) or measured (rounding) grid errors "
+                        "(keys of mixed runs end in -rounding with the latter)")
     p.add_argument("--mixed-unit", choices=("row", "group"), default="row",
                    help="mixed precision: one width per row, or per grid (needs --groupsize)")
     p.add_argument("--out", default="results/bench_quant.csv")
@@ -143,6 +149,10 @@ def main(argv=None):
             key += "-ao"
         if args.true_sequential and kind in ("gptq", "mixed", "global"):
             key += "-ts"
+        if args.mse and kind != "none":
+            key += "-mse"
+        if args.error_model == "rounding" and kind in ("mixed", "global"):
+            key += "-rounding"
         if key in seen or (args.only and key not in args.only):
             continue
         model.load_state_dict(dense)
@@ -151,7 +161,9 @@ def main(argv=None):
                "method": method, "importance": imp,
                "act_order": args.act_order and kind in ("gptq", "mixed", "global"),
                "true_sequential": args.true_sequential and kind in ("gptq", "mixed", "global"),
-               "mixed_unit": args.mixed_unit if kind in ("mixed", "global") else None}
+               "mixed_unit": args.mixed_unit if kind in ("mixed", "global") else None,
+               "mse": args.mse and kind != "none",
+               "error_model": args.error_model if kind in ("mixed", "global") else None}
         if kind == "none" and d == 1:
             row.update(avg_bits=16.0, avg_width=16.0)
         elif kind == "none" or (kind == "rtn" and d < 1):
@@ -168,7 +180,7 @@ def main(argv=None):
             grids = {}
             with torch.no_grad():
                 for name, layer in pruned_linears(model).items():
-                    q, grids[name] = rtn_quantize(layer.weight, QuantSpec(x, G))
+                    q, grids[name] = rtn_quantize(layer.weight, QuantSpec(x, G, mse=args.mse))
                     layer.weight.copy_(q * masks[name] if name in masks else q)
             row["avg_bits"], row["avg_width"] = storage_bits(model, masks, grids, G)
         elif kind in ("gptq", "mixed", "global"):
@@ -176,14 +188,15 @@ def main(argv=None):
             if kind in ("mixed", "global"):
                 alloc = MixedPrecisionAllocator(x, method, importance=imp, groupsize=G, density=d,
                                                 scope="layer" if kind == "mixed" else "global",
-                                                unit=args.mixed_unit)
+                                                unit=args.mixed_unit, mse=args.mse,
+                                                error_model=args.error_model)
             if kind == "global":  # first pass: round-to-nearest, only to collect error curves
                 collect = FixedWidths(alloc.collect)
                 first = PruneConfig("wanda", 1.0, quant=QuantSpec(4, G), bit_allocator=collect)
                 prune_model(model, calib, first, progress=False)
                 alloc.fit_global()
                 model.load_state_dict(dense)
-            spec = QuantSpec(x if kind == "gptq" else 4, G)
+            spec = QuantSpec(x if kind == "gptq" else 4, G, mse=args.mse)
             res = prune_model(model, calib, PruneConfig("sparsegpt", d, quant=spec, bit_allocator=alloc,
                                                         act_order=row["act_order"],
                                                         true_sequential=row["true_sequential"]),

@@ -83,6 +83,8 @@ def add_prune_arguments(parser: argparse.ArgumentParser, target: bool = True) ->
     _add(g, "--groupsize", "quant.groupsize", "columns per quantization grid (default: per row)", type=int)
     _add(g, "--sym", "quant.sym", "symmetric grids (zero point at the middle; what the "
          "compressed-tensors export needs); default: asymmetric", action="store_true")
+    _add(g, "--mse", "quant.mse", "each grid's range searched for the least rounding error "
+         "(clipping), not min–max", action="store_true")
     _add(g, "--target-avg-bits", "mixed.target_avg_bits",
          "mixed precision: average bits per weight, every stored bit counted (default: "
          "uniform widths)", type=float)

@@ -310,6 +310,8 @@ def prune_config_from_settings(settings: Mapping) -> PruneConfig:
         raise ValueError(f"groupsize ({quant['groupsize']}) needs wbits (quantization bits)")
     elif quant.get("sym"):
         raise ValueError("sym (symmetric grids) needs wbits (quantization bits)")
+    elif quant.get("mse"):
+        raise ValueError("mse (clipping search) needs wbits (quantization bits)")
     return check_nm_blocks(PruneConfig(**prune))
 
 
@@ -356,6 +358,7 @@ def _settings_row(exp: Experiment, seqlen: int, calib: TextSource | None, evalua
         "target_avg_bits": mixed.target_avg_bits if mixed else None,
         "bit_method": mixed.method if mixed else None,
         "mixed_unit": mixed.unit_for(p.quant.groupsize) if mixed else None,
+        "error_model": mixed.error_model_for(p.quant.groupsize) if mixed else None,
         "calib": calib.used if calib else None,
         "calib_samples": exp.calib.samples, "seqlen": seqlen, "seed": exp.calib.seed,
         "percdamp": p.percdamp, "blocksize": p.blocksize, "mask_blocksize": p.mask_blocksize,
@@ -364,6 +367,8 @@ def _settings_row(exp: Experiment, seqlen: int, calib: TextSource | None, evalua
     }
     if p.sequential_groups:  # recorded only when on: rows from before the option stay comparable
         row["true_sequential"] = True
+    if p.quant is not None and p.quant.mse:
+        row["mse"] = True
     if p.owl:  # before owl_samples, the ratios used every calibration sample: those rows lack it
         row["owl_samples"] = p.owl_samples
     for key, text in (("calib", calib), ("eval", evaluation)):

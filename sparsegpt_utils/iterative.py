@@ -454,13 +454,16 @@ def prune_row_keys(prune: PruneConfig) -> dict:
            "owl": prune.owl, "exact_update": prune.exact_update, "reconstruct": prune.reconstruct}
     if prune.sequential_groups:
         row["true_sequential"] = True
+    if quant is not None and quant.mse:
+        row["mse"] = True
     if prune.owl:
         row.update(owl_lambda=prune.owl_lambda, owl_m=prune.owl_m, owl_samples=prune.owl_samples)
     if prune.reconstruct:
         row.update(reconstruct_steps=prune.reconstruct_steps, reconstruct_lr=prune.reconstruct_lr)
     if mixed is not None:
         row.update(target_avg_bits=mixed.target_avg_bits, bit_method=mixed.method,
-                   mixed_unit=mixed.unit_for(None if quant is None else quant.groupsize))
+                   mixed_unit=mixed.unit_for(None if quant is None else quant.groupsize),
+                   error_model=mixed.error_model_for(None if quant is None else quant.groupsize))
     return row
 
 

@@ -45,7 +45,15 @@ from typing import Protocol, runtime_checkable
 import pandas as pd
 import torch
 
-from .quant import QuantSpec, cell_storage_bits, quant_storage_bits, row_storage_bits, width_map_bits
+from .quant import (
+    QuantSpec,
+    cell_storage_bits,
+    find_params,
+    quant_storage_bits,
+    quantize,
+    row_storage_bits,
+    width_map_bits,
+)
 from .solver import check_density, inverse_hessian_factor, nm_mask, parse_nm, prune_lowest
 
 __all__ = [
@@ -57,6 +65,7 @@ __all__ = [
     "row_ranges",
     "error_curves",
     "grid_error_curves",
+    "rounding_error_curves",
     "allocate_budget",
     "allocate_quantile",
     "LayerAllocation",
@@ -74,6 +83,9 @@ METHODS = ("budget", "quantile")
 UNITS = ("row", "group")
 CONFIG_UNITS = ("auto",) + UNITS  # "auto": per group where the grid has a groupsize, else per row
 IMPORTANCES = ("error", "five_factor")
+# per grid: "range" models rounding as uniform noise over the min–max step; "rounding" measures it;
+# "auto": "rounding" per grid (better at equal bits, bench/README.md), "range" per row
+ERROR_MODELS = ("auto", "range", "rounding")
 
 
 def _prepare(weight: torch.Tensor, hessian: torch.Tensor):
@@ -188,6 +200,45 @@ def grid_error_curves(weight: torch.Tensor, hessian: torch.Tensor, bit_choices: 
                         for c in range(0, W.shape[1], groupsize)], 1)
     levels = torch.tensor([(2.0**b - 1) ** -2 for b in bit_choices], dtype=torch.float64, device=W.device)
     return (sens * spans**2 / 12)[:, :, None] * levels
+
+
+@torch.no_grad()
+def rounding_error_curves(weight: torch.Tensor, hessian: torch.Tensor, bit_choices: Sequence[int],
+                          groupsize: int, sym: bool = False, mse: bool = False,
+                          mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Measured, not modelled: float64 [rows, n_groups, K], each grid's output error
+    ``Σ_j kept_rj (H_jj/2) (w_rj − Q_b(w_rj))²`` when rounded to the nearest point of the grid
+    :func:`~sparsegpt_utils.quant.find_params` fits at each width ``b`` (min–max, or with
+    ``mse`` the clipped range the solver will use). Unlike the uniform-noise model of
+    :func:`grid_error_curves` it sees what clipping saves and where weights sit on the grid,
+    which matters most at 2 and 3 bits. Non-increasing along K (each width is charged at most
+    the error of a narrower one)."""
+    W, H = _prepare(weight, hessian)
+    if mask is not None:
+        W = W * mask.to(W.device, torch.float64)
+    hdiag = torch.diagonal(H) / 2
+    rows, cols = W.shape
+    full = cols // groupsize * groupsize
+    # the whole groups as one batch of [rows·n_full, groupsize] grids (one find_params per
+    # width, not one per group), then the short last group if there is one
+    parts = [(W[:, :full].float().reshape(-1, groupsize),
+              hdiag[:full].reshape(-1, groupsize).repeat(rows, 1))]
+    if full < cols:
+        parts.append((W[:, full:].float(), hdiag[full:].expand(rows, -1)))
+    out = []
+    for blk, hd in parts:
+        if blk.numel() == 0:
+            continue
+        per_b = []
+        for b in bit_choices:
+            bits = torch.full((blk.shape[0],), int(b), dtype=torch.int64, device=W.device)
+            scale, zero = find_params(blk, bits, sym, mse)
+            q = quantize(blk, scale, zero, (2.0 ** bits.float() - 1)[:, None])
+            per_b.append((((q - blk).double() ** 2) * hd).sum(1).reshape(rows, -1))
+        out.append(torch.stack(per_b, 2))
+    # grids of different widths are not nested, so a wider one can round a group slightly worse;
+    # the allocator needs errors non-increasing in the width (and would not pick the worse one)
+    return torch.cat(out, 1).cummin(dim=2).values
 
 
 @torch.no_grad()
@@ -481,11 +532,15 @@ class MixedPrecisionConfig:
     of ``groupsize`` input columns; needs a groupsize), or ``"auto"`` (``"group"`` when the grid
     has a groupsize, else ``"row"``). Per group wins on smollm2-135m at equal real bits
     (bench/README.md, "Quantization and mixed precision").
+    error_model: how a unit's error at each width is predicted: ``"range"`` (uniform rounding
+    noise over the min–max step), ``"rounding"`` (per group only: measured on the grid the
+    solver fits, clipping included) or ``"auto"`` (``"rounding"`` per group, else ``"range"``).
     """
 
     target_avg_bits: float
     method: str = "budget"
     unit: str = "auto"
+    error_model: str = "auto"
 
     def __post_init__(self):
         if not isinstance(self.target_avg_bits, (int, float)) or not 2 <= self.target_avg_bits <= 8:
@@ -495,6 +550,9 @@ class MixedPrecisionConfig:
             raise ValueError(f"bit allocation method must be one of {METHODS}, got {self.method!r}")
         if self.unit not in CONFIG_UNITS:
             raise ValueError(f"mixed-precision unit must be one of {CONFIG_UNITS}, got {self.unit!r}")
+        if self.error_model not in ERROR_MODELS:
+            raise ValueError(f"mixed-precision error_model must be one of {ERROR_MODELS}, "
+                             f"got {self.error_model!r}")
 
     def unit_for(self, groupsize: int | None) -> str:
         """The unit a grid with ``groupsize`` input columns per scale (None: per row) gets."""
@@ -504,6 +562,16 @@ class MixedPrecisionConfig:
             raise ValueError("mixed-precision unit 'group' needs a groupsize (--groupsize, "
                              "QuantSpec(groupsize=...)): the input columns that share a width")
         return self.unit
+
+    def error_model_for(self, groupsize: int | None) -> str:
+        """The error model a grid with ``groupsize`` input columns per scale gets."""
+        unit = self.unit_for(groupsize)
+        if self.error_model == "auto":
+            return "rounding" if unit == "group" else "range"
+        if self.error_model == "rounding" and unit != "group":
+            raise ValueError("mixed-precision error_model 'rounding' is measured per grid: it needs "
+                             "unit 'group' and a groupsize")
+        return self.error_model
 
 
 @runtime_checkable
@@ -562,7 +630,11 @@ class MixedPrecisionAllocator:
     method: ``"budget"`` (minimise predicted error) or ``"quantile"`` (rank bins).
     bit_choices: allowed widths. importance: ``"error"`` or ``"five_factor"``.
     weights: five-factor weights (keys from :data:`FACTORS`; default :data:`DEFAULT_WEIGHTS`).
-    groupsize, sym, scale_bits: the grid the solver will use (must match ``PruneConfig.quant``).
+    groupsize, sym, scale_bits, mse: the grid the solver will use (must match ``PruneConfig.quant``).
+    error_model: ``"range"``, the uniform-noise model (:func:`error_curves`,
+    :func:`grid_error_curves`), or, per grid only, ``"rounding"``, each grid's rounding error
+    measured at every width (:func:`rounding_error_curves`); ``"auto"``: ``"rounding"`` per grid,
+    ``"range"`` per row.
     density / nm: the pruning the solver will do (the mask costs 1 bit per weight and only
     kept weights store codes; the per-row kept counts are predicted from the weights).
     scope: ``"layer"`` (each layer meets the budget) or ``"global"`` (see :meth:`fit_global`).
@@ -579,7 +651,8 @@ class MixedPrecisionAllocator:
                  weights: dict[str, float] | None = None, groupsize: int | None = None,
                  density: float = 1.0, nm: tuple[int, int] | str | None = None, sym: bool = False,
                  scale_bits: int = 16, percdamp: float = 0.01, mask_blocksize: int = 128,
-                 scope: str = "layer", unit: str = "row"):
+                 scope: str = "layer", unit: str = "row", mse: bool = False,
+                 error_model: str = "auto"):
         if method not in METHODS:
             raise ValueError(f"bit allocation method must be one of {METHODS}, got {method!r}")
         if importance not in IMPORTANCES:
@@ -603,9 +676,15 @@ class MixedPrecisionAllocator:
             raise ValueError(f"mixed-precision unit must be one of {UNITS}, got {unit!r}")
         if unit == "group" and groupsize is None:
             raise ValueError("mixed-precision unit 'group' needs a groupsize (input columns per width)")
+        if error_model not in ERROR_MODELS:
+            raise ValueError(f"error_model must be one of {ERROR_MODELS}, got {error_model!r}")
+        if error_model == "rounding" and unit != "group":
+            raise ValueError("error_model 'rounding' is measured per grid: it needs unit 'group'")
         if unit == "group" and importance != "error":
             raise ValueError("mixed-precision unit 'group' allocates with the 'error' importance only")
-        self.unit = unit
+        if error_model == "auto":
+            error_model = "rounding" if unit == "group" else "range"
+        self.unit, self.mse, self.error_model = unit, mse, error_model
         self.nm = parse_nm(nm)
         self.density = self.nm[0] / self.nm[1] if self.nm else check_density(density)
         self.target_avg_bits = float(target_avg_bits)
@@ -623,7 +702,7 @@ class MixedPrecisionAllocator:
         return (f"MixedPrecisionAllocator(target_avg_bits={self.target_avg_bits}, method={self.method!r}, "
                 f"importance={self.importance!r}, bit_choices={self.bit_choices}, "
                 f"groupsize={self.groupsize}, density={self.density}, scope={self.scope!r}, "
-                f"unit={self.unit!r})")
+                f"unit={self.unit!r}, mse={self.mse}, error_model={self.error_model!r})")
 
     @torch.no_grad()
     def curves(self, weight: torch.Tensor, hessian: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
@@ -646,7 +725,11 @@ class MixedPrecisionAllocator:
             cost = torch.stack([cell_storage_bits(torch.full((rows, groups), b), cols, G, self.sym, kept,
                                                   self.scale_bits, self.map_bits).flatten()
                                 for b in self.bit_choices], 1)
-            err = grid_error_curves(weight, hessian, self.bit_choices, G, self.sym, mask).cpu()
+            if self.error_model == "rounding":
+                err = rounding_error_curves(weight, hessian, self.bit_choices, G, self.sym, self.mse,
+                                            mask).cpu()
+            else:
+                err = grid_error_curves(weight, hessian, self.bit_choices, G, self.sym, mask).cpu()
             err = err.reshape(rows * groups, -1)
             mid = err[:, len(self.bit_choices) // 2]
             return {"err": err, "model_err": err, "cost": cost, "importance": mid, "energy": energy,
@@ -769,4 +852,5 @@ def build_allocator(mixed: MixedPrecisionConfig, quant: QuantSpec, density: floa
     from ``quant``, the pruning (``density`` kept, or ``nm``) the solver will do."""
     return MixedPrecisionAllocator(mixed.target_avg_bits, mixed.method, groupsize=quant.groupsize,
                                    density=density, nm=nm, sym=quant.sym, percdamp=percdamp,
-                                   mask_blocksize=mask_blocksize, unit=mixed.unit_for(quant.groupsize))
+                                   mask_blocksize=mask_blocksize, unit=mixed.unit_for(quant.groupsize),
+                                   mse=quant.mse, error_model=mixed.error_model_for(quant.groupsize))

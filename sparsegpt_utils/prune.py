@@ -139,6 +139,7 @@ class PruneConfig:
             raise ValueError("mixed precision (mixed / bit_allocator) needs quant (the grid: groupsize, sym)")
         if self.mixed is not None and self.quant is not None:
             self.mixed.unit_for(self.quant.groupsize)  # "group" needs a groupsize
+            self.mixed.error_model_for(self.quant.groupsize)  # "rounding" needs one too
         if self.mixed is not None and self.bit_allocator is not None:
             raise ValueError("give mixed (a budget) or bit_allocator (an explicit allocator), not both")
         if self.bit_allocator is not None and not isinstance(self.bit_allocator, BitAllocator):

@@ -37,7 +37,8 @@ __all__ = ["write_json_atomic", "write_csv_atomic", "append_csv_row", "atomic_wr
 # measurements, never one run recorded twice
 RUN_SETTING_KEYS = (
     "model", "method", "family", "density", "nm",
-    "wbits", "groupsize", "sym", "target_avg_bits", "bit_method", "mixed_unit", "allocation", "importance",
+    "wbits", "groupsize", "sym", "mse", "target_avg_bits", "bit_method", "mixed_unit", "error_model",
+    "allocation", "importance",
     "act_order", "true_sequential", "percdamp", "blocksize", "mask_blocksize",
     "owl", "owl_lambda", "owl_m", "owl_samples", "exact_update",
     "reconstruct", "reconstruct_steps", "reconstruct_lr",

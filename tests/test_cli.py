@@ -54,6 +54,7 @@ def tiny_prune(model_dir, *more):
     (["--density", "0.5", "--wbits", "0"], "wbits"),
     (["--density", "0.5", "--wbits", "17"], "wbits"),
     (["--density", "0.5", "--groupsize", "128"], "groupsize"),
+    (["--density", "0.5", "--mse"], "mse (clipping search) needs wbits"),
     (["--density", "0.5", "--target-avg-bits", "9"], "target_avg_bits"),
     (["--density", "0.5", "--wbits", "4", "--target-avg-bits", "3.5", "--mixed-unit", "group"],
      "unit 'group' needs a groupsize"),
@@ -260,14 +261,14 @@ def test_every_pruning_option_reaches_the_prune_config():
     """The CLI's pruning flags land in PruneConfig's fields (one mapping, no copies)."""
     args = build_parser().parse_args([
         "prune", "--model", "org/name", "--sparsity", "0.7", "--method", "wanda", "--wbits", "3",
-        "--groupsize", "64", "--percdamp", "0.05", "--blocksize", "64", "--mask-blocksize", "32",
+        "--groupsize", "64", "--mse", "--percdamp", "0.05", "--blocksize", "64", "--mask-blocksize", "32",
         "--calib-batch-size", "2", "--owl", "--owl-lambda", "0.1", "--owl-m", "7", "--owl-samples", "3",
         "--exact-update",
         "--reconstruct", "--reconstruct-steps", "3", "--reconstruct-lr", "0.01", "--calib", "stdlib",
         "--device", "cpu"])
     p = cli.experiment_from_args(args).prune
     assert (p.method, p.density, p.percdamp, p.blocksize, p.mask_blocksize) == ("wanda", 0.3, 0.05, 64, 32)
-    assert (p.quant.bits, p.quant.groupsize, p.calibration_batch_size) == (3, 64, 2)
+    assert (p.quant.bits, p.quant.groupsize, p.quant.mse, p.calibration_batch_size) == (3, 64, True, 2)
     assert (p.owl, p.owl_lambda, p.owl_m, p.owl_samples, p.exact_update) == (True, 0.1, 7.0, 3, True)
     assert (p.reconstruct, p.reconstruct_steps, p.reconstruct_lr) == (True, 3, 0.01)
     assert p.act_order and p.true_sequential is None and p.sequential_groups  # quantizing: both on
@@ -419,9 +420,25 @@ def test_symmetric_quantized_prune_exports_to_compressed_tensors(tiny_model_dir,
     assert code == 0, err
     result = json.loads(out.read_text())
     assert result["wbits"] == 4 and result["sym"] is True and result["act_order"] is True
+    assert "mse" not in result  # recorded only when on: rows from before the option stay comparable
     code, _, err = run(["export", str(ckpt), str(exported), "--format", "compressed-tensors"], capsys)
     assert code == 0, err
     config = json.loads((exported / "config.json").read_text())
     assert config["quantization_config"]["quant_method"] == "compressed-tensors"
     code, _, err = run(tiny_prune(tiny_model_dir, "--density", "0.5", "--sym"), capsys)
     assert code == 2 and "sym" in err and "wbits" in err
+
+
+def test_mse_grids_are_a_recorded_setting(tiny_model_dir, tmp_path, capsys):
+    """--mse searches each grid's clipping range: the row says so (and a row without it does
+    not), and the quantized model is a different one."""
+    rows = {}
+    for name, more in (("minmax", []), ("mse", ["--mse"])):
+        out = tmp_path / f"{name}.json"
+        code, _, err = run(tiny_prune(tiny_model_dir, "--density", "1.0", "--wbits", "3", "--groupsize", "32",
+                                      "--eval", "stdlib", "--eval-windows", "2", "--json", str(out), *more),
+                           capsys)
+        assert code == 0, err
+        rows[name] = json.loads(out.read_text())
+    assert rows["mse"]["mse"] is True and "mse" not in rows["minmax"]
+    assert rows["mse"]["ppl"] != rows["minmax"]["ppl"]

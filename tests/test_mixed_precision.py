@@ -19,6 +19,7 @@ from sparsegpt_utils.mixed_precision import (
     error_curves,
     importance_factors,
     predicted_mask,
+    rounding_error_curves,
 )
 from sparsegpt_utils.models import pruned_linears
 from sparsegpt_utils.prune import PruneConfig, prune_model
@@ -245,6 +246,10 @@ def test_bad_input_is_refused_with_the_parameter_named():
     # reachable range depends on the metadata: 2 bits + 16-bit scale over 64 columns is > 2.0
     with pytest.raises(ValueError, match="target_avg_bits=2.1"):
         MixedPrecisionAllocator(2.1)("layer", W, H)
+    with pytest.raises(ValueError, match="error_model"):
+        MixedPrecisionAllocator(3.0, groupsize=16, unit="group", error_model="measured")
+    with pytest.raises(ValueError, match="error_model 'rounding'.*unit 'group'"):
+        MixedPrecisionAllocator(3.0, groupsize=16, unit="row", error_model="rounding")
 
 
 def test_five_factor_weights_are_configurable():
@@ -489,3 +494,73 @@ def test_auto_unit_is_per_group_with_a_groupsize_else_per_row():
         PruneConfig("sparsegpt", 1.0, quant=QuantSpec(4), mixed=MixedPrecisionConfig(3.5, unit="group"))
     with pytest.raises(ValueError, match="unit must be one of"):
         MixedPrecisionConfig(3.5, unit="column")
+
+
+def test_error_model_is_measured_per_group_and_modelled_per_row():
+    """``error_model="auto"``: the measured rounding error where widths go per grid, the range
+    model per row; the allocator the pipeline builds gets it and the grid's clipping (mse)."""
+    from sparsegpt_utils.mixed_precision import build_allocator
+    cfg = MixedPrecisionConfig(3.5)
+    assert cfg.error_model_for(32) == "rounding" and cfg.error_model_for(None) == "range"
+    alloc = build_allocator(cfg, QuantSpec(4, 32, mse=True))
+    assert (alloc.unit, alloc.error_model, alloc.mse) == ("group", "rounding", True)
+    assert build_allocator(cfg, QuantSpec(4)).error_model == "range"
+    ranged = MixedPrecisionConfig(3.5, error_model="range")
+    assert build_allocator(ranged, QuantSpec(4, 32)).error_model == "range"
+    rounding = MixedPrecisionConfig(3.5, error_model="rounding")
+    with pytest.raises(ValueError, match="error_model 'rounding' is measured per grid"):
+        PruneConfig("sparsegpt", 1.0, quant=QuantSpec(4), mixed=rounding)
+    with pytest.raises(ValueError, match="error_model must be one of"):
+        MixedPrecisionConfig(3.5, error_model="exact")
+
+
+@pytest.mark.parametrize("mse,density", [(False, 1.0), (True, 1.0), (True, 0.5)])
+def test_rounding_error_curves_are_the_measured_rtn_error(mse, density):
+    """Each grid's curve is its output error ``Σ_j (H_jj/2)(w − Q(w))²`` under round-to-nearest
+    on the grid the solver fits (with ``mse``: the clipped one), pruned weights excluded."""
+    W, _, H = column_salient_layer(cols=200)  # 200 columns: the last group of 64 is short
+    G = 64
+    mask = None if density == 1 else torch.rand(W.shape, generator=torch.Generator().manual_seed(1)) < density
+    ref = W if mask is None else W * mask
+    choices = (2, 3, 4, 8)
+    curves = rounding_error_curves(W, H, choices, G, mse=mse, mask=mask)
+    assert curves.shape == (64, 4, len(choices))
+    hdiag = H.double().diagonal() / 2
+    measured = []
+    for b in choices:
+        Q, _ = rtn_quantize(ref, QuantSpec(b, G, mse=mse))
+        e = (ref.double() - Q.double()) ** 2 * hdiag
+        measured.append(torch.stack([e[:, c:c + G].sum(1) for c in range(0, 200, G)], 1))
+    measured = torch.stack(measured, 2)
+    # charged at most a narrower width's error (grids of different widths are not nested)
+    assert torch.allclose(curves, measured.cummin(dim=2).values, rtol=1e-5, atol=1e-12)
+    assert torch.allclose(curves[:, :, 0], measured[:, :, 0], rtol=1e-5, atol=1e-12)
+    assert (curves[:, :, 1:] <= curves[:, :, :-1]).all()
+    assert float((curves != measured).double().mean()) < 0.05  # the exception, not the rule
+
+
+def test_rounding_error_model_gives_grids_already_coarse_the_narrow_width():
+    """Half the groups hold weights already on a 2-bit grid (4 levels, 0 among them): rounding
+    them costs nothing at 2 bits, which the measured model sees and the range model does not
+    (it charges every grid its step²/12). At the same budget the measured allocation gives those
+    groups 2 bits, the others the bits saved, and the solved layer a lower output error."""
+    W, X, H = column_salient_layer(salient=0)
+    G = 32
+    coarse = torch.zeros(W.shape[1], dtype=torch.bool)
+    for c in range(0, W.shape[1], 2 * G):
+        coarse[c:c + G] = True
+    levels = torch.tensor([-1.0, 0.0, 1.0, 2.0])
+    pick = torch.randint(0, 4, (W.shape[0], int(coarse.sum())), generator=torch.Generator().manual_seed(3))
+    W[:, coarse] = levels[pick] * W.std()
+    budget = 3.4
+    res, widths = {}, {}
+    for model in ("range", "rounding"):
+        alloc = MixedPrecisionAllocator(budget, groupsize=G, unit="group", error_model=model)
+        widths[model] = alloc("layer", W, H)
+        assert alloc.stats.avg_bits <= budget + 1e-9
+        res[model] = sparsegpt_solve(W, H, quant=QuantSpec(widths[model], G))
+    on_coarse = widths["rounding"][:, ::2]
+    assert (on_coarse == 2).float().mean() > 0.9
+    assert widths["rounding"][:, 1::2].double().mean() > widths["range"][:, 1::2].double().mean()
+    err = {k: out_err(W, r.weight, X) for k, r in res.items()}
+    assert err["rounding"] < 0.7 * err["range"], err
