@@ -17,6 +17,11 @@ Two importance measures:
   stability 10%; see :func:`importance_factors`). Its predicted error at width ``b`` is
   ``score_r · (2^b − 1)^−2``.
 
+With one width per grid (``unit="group"``: a row's group of ``groupsize`` input columns) the
+``"error"`` importance is, by default, measured rather than modelled: each grid's
+``Σ_j kept_rj (H_jj/2) (w_rj − Q_b(w_rj))²`` on the grid the solver fits at width ``b``
+(:func:`rounding_error_curves`; with clipping, ``QuantSpec.mse``, the clipped grid).
+
 Two allocation methods, both meeting the budget of every layer (so also of the whole model):
 
 * ``"budget"`` — minimises the predicted error: a Lagrangian relaxation (each row picks
