@@ -71,6 +71,7 @@ __all__ = [
     "error_curves",
     "grid_error_curves",
     "rounding_error_curves",
+    "resolve_error_model",
     "allocate_budget",
     "allocate_quantile",
     "LayerAllocation",
@@ -91,6 +92,19 @@ IMPORTANCES = ("error", "five_factor")
 # per grid: "range" models rounding as uniform noise over the min–max step; "rounding" measures it;
 # "auto": "rounding" per grid (better at equal bits, bench/README.md), "range" per row
 ERROR_MODELS = ("auto", "range", "rounding")
+
+
+def resolve_error_model(error_model: str, unit: str) -> str:
+    """``"range"`` or ``"rounding"`` for a unit (``"row"`` / ``"group"``); ``"auto"``: measured
+    per grid, modelled per row. ``"rounding"`` needs per-grid widths."""
+    if error_model not in ERROR_MODELS:
+        raise ValueError(f"mixed-precision error_model must be one of {ERROR_MODELS}, got {error_model!r}")
+    if error_model == "auto":
+        return "rounding" if unit == "group" else "range"
+    if error_model == "rounding" and unit != "group":
+        raise ValueError("mixed-precision error_model 'rounding' is measured per grid: it needs "
+                         "unit 'group' and a groupsize")
+    return error_model
 
 
 def _prepare(weight: torch.Tensor, hessian: torch.Tensor):
@@ -226,14 +240,14 @@ def rounding_error_curves(weight: torch.Tensor, hessian: torch.Tensor, bit_choic
     full = cols // groupsize * groupsize
     # the whole groups as one batch of [rows·n_full, groupsize] grids (one find_params per
     # width, not one per group), then the short last group if there is one
-    parts = [(W[:, :full].float().reshape(-1, groupsize),
-              hdiag[:full].reshape(-1, groupsize).repeat(rows, 1))]
+    parts = []
+    if full:
+        parts.append((W[:, :full].float().reshape(-1, groupsize),
+                      hdiag[:full].reshape(-1, groupsize).repeat(rows, 1)))
     if full < cols:
         parts.append((W[:, full:].float(), hdiag[full:].expand(rows, -1)))
     out = []
     for blk, hd in parts:
-        if blk.numel() == 0:
-            continue
         per_b = []
         for b in bit_choices:
             bits = torch.full((blk.shape[0],), int(b), dtype=torch.int64, device=W.device)
@@ -555,9 +569,7 @@ class MixedPrecisionConfig:
             raise ValueError(f"bit allocation method must be one of {METHODS}, got {self.method!r}")
         if self.unit not in CONFIG_UNITS:
             raise ValueError(f"mixed-precision unit must be one of {CONFIG_UNITS}, got {self.unit!r}")
-        if self.error_model not in ERROR_MODELS:
-            raise ValueError(f"mixed-precision error_model must be one of {ERROR_MODELS}, "
-                             f"got {self.error_model!r}")
+        resolve_error_model(self.error_model, "group")  # a name check: per grid every model exists
 
     def unit_for(self, groupsize: int | None) -> str:
         """The unit a grid with ``groupsize`` input columns per scale (None: per row) gets."""
@@ -570,13 +582,7 @@ class MixedPrecisionConfig:
 
     def error_model_for(self, groupsize: int | None) -> str:
         """The error model a grid with ``groupsize`` input columns per scale gets."""
-        unit = self.unit_for(groupsize)
-        if self.error_model == "auto":
-            return "rounding" if unit == "group" else "range"
-        if self.error_model == "rounding" and unit != "group":
-            raise ValueError("mixed-precision error_model 'rounding' is measured per grid: it needs "
-                             "unit 'group' and a groupsize")
-        return self.error_model
+        return resolve_error_model(self.error_model, self.unit_for(groupsize))
 
 
 @runtime_checkable
@@ -681,14 +687,9 @@ class MixedPrecisionAllocator:
             raise ValueError(f"mixed-precision unit must be one of {UNITS}, got {unit!r}")
         if unit == "group" and groupsize is None:
             raise ValueError("mixed-precision unit 'group' needs a groupsize (input columns per width)")
-        if error_model not in ERROR_MODELS:
-            raise ValueError(f"error_model must be one of {ERROR_MODELS}, got {error_model!r}")
-        if error_model == "rounding" and unit != "group":
-            raise ValueError("error_model 'rounding' is measured per grid: it needs unit 'group'")
+        error_model = resolve_error_model(error_model, unit)
         if unit == "group" and importance != "error":
             raise ValueError("mixed-precision unit 'group' allocates with the 'error' importance only")
-        if error_model == "auto":
-            error_model = "rounding" if unit == "group" else "range"
         self.unit, self.mse, self.error_model = unit, mse, error_model
         self.nm = parse_nm(nm)
         self.density = self.nm[0] / self.nm[1] if self.nm else check_density(density)
