@@ -38,7 +38,7 @@ from .data import (
 from .evaluate import density_report, overall_density, perplexity
 from .mixed_precision import MixedPrecisionConfig
 from .models import BUILTIN_MODELS, load_model, model_seqlen, resolve_dtype
-from .prune import PruneConfig, PruneResult, prune_model
+from .prune import PruneConfig, PruneResult, prune_model, prune_setting_keys
 from .quant import QuantSpec
 from .results import append_csv_row, write_json_atomic
 from .tasks import TasksUnavailableError, parse_tasks, task_row, zero_shot
@@ -345,32 +345,15 @@ def resolve_texts(exp: Experiment) -> tuple[TextSource | None, TextSource | None
 def _settings_row(exp: Experiment, seqlen: int, calib: TextSource | None, evaluation: TextSource | None):
     """What the run was asked to do, as result-row keys (DESIGN §4); ``calib``/``eval`` name the
     texts actually used, ``calib_requested``/``eval_requested`` the ones asked for if they differ."""
-    p, mixed = exp.prune, exp.prune.mixed
-    bits = p.quant.bits if p.quant is not None and mixed is None else None
+    p = exp.prune
     row = {
-        "model": exp.model, "method": p.method, "density": exp.density, "nm": nm_text(p.nm),
+        "model": exp.model, "method": p.method, "density": exp.density,
         "sparsity": None if p.nm else round(1 - p.density, 6),
-        "wbits": int(bits) if bits is not None and not torch.is_tensor(bits) else None,
-        "groupsize": p.quant.groupsize if p.quant is not None else None,
-        # quantization-only settings: None for a run that does not quantize
-        "sym": bool(p.quant.sym) if p.quant is not None else None,
-        "act_order": bool(p.act_order) if p.quant is not None else None,
-        "target_avg_bits": mixed.target_avg_bits if mixed else None,
-        "bit_method": mixed.method if mixed else None,
-        "mixed_unit": mixed.unit_for(p.quant.groupsize) if mixed else None,
-        "error_model": mixed.error_model_for(p.quant.groupsize) if mixed else None,
+        **prune_setting_keys(p),
         "calib": calib.used if calib else None,
         "calib_samples": exp.calib.samples, "seqlen": seqlen, "seed": exp.calib.seed,
-        "percdamp": p.percdamp, "blocksize": p.blocksize, "mask_blocksize": p.mask_blocksize,
-        "owl": p.owl, "exact_update": p.exact_update, "reconstruct": p.reconstruct,
         "eval": evaluation.used if evaluation else None, "eval_windows": None,
     }
-    if p.sequential_groups:  # recorded only when on: rows from before the option stay comparable
-        row["true_sequential"] = True
-    if p.quant is not None and p.quant.mse:
-        row["mse"] = True
-    if p.owl:  # before owl_samples, the ratios used every calibration sample: those rows lack it
-        row["owl_samples"] = p.owl_samples
     for key, text in (("calib", calib), ("eval", evaluation)):
         if text is not None and text.fell_back:
             row[f"{key}_requested"] = text.requested

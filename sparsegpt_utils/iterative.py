@@ -50,7 +50,7 @@ from .finetune import FinetuneConfig, current_masks, finetune, split_train_valid
 from .mixed_precision import MixedPrecisionConfig
 from .models import load_model, pruned_linears
 from .owl import block_params, outlier_ratios, owl_densities
-from .prune import PruneConfig, prune_model
+from .prune import PruneConfig, prune_model, prune_setting_keys
 from .quant import QuantSpec
 from .results import atomic_dir, remove_stale_temps, write_csv_atomic, write_json_atomic
 from .save_utils import load_masked_model_single, save_pruned
@@ -64,7 +64,6 @@ __all__ = [
     "training_source",
     "check_no_overlap",
     "prune_config_from_dict",
-    "prune_row_keys",
     "round_to_grids",
 ]
 
@@ -423,7 +422,7 @@ def run_iterative(
     # result-row keys (DESIGN §4), so results/ readers find the run beside one-shot ones
     df["ppl"] = df["ppl_finetuned"]
     df["density_achieved"] = df["density"]
-    settings = {"model": config.model, "family": "iterative", **prune_row_keys(config.prune),
+    settings = {"model": config.model, "family": "iterative", **prune_setting_keys(config.prune),
                 "calib": train_src.used if train_src else config.train_source,
                 "calib_samples": config.calib_samples,
                 "seqlen": config.calib_seqlen, "seed": config.seed,
@@ -442,29 +441,6 @@ def run_iterative(
         if results_csv is not None:
             write_csv_atomic(results_csv, df)
     return df
-
-
-def prune_row_keys(prune: PruneConfig) -> dict:
-    """The result-row keys (DESIGN §4) of the pruning settings every level used."""
-    quant, mixed = prune.quant, prune.mixed
-    row = {"method": prune.method, "nm": f"{prune.nm[0]}:{prune.nm[1]}" if prune.nm else None,
-           "wbits": None if quant is None or torch.is_tensor(quant.bits) else int(quant.bits),
-           "groupsize": None if quant is None else quant.groupsize,
-           "percdamp": prune.percdamp, "blocksize": prune.blocksize, "mask_blocksize": prune.mask_blocksize,
-           "owl": prune.owl, "exact_update": prune.exact_update, "reconstruct": prune.reconstruct}
-    if prune.sequential_groups:
-        row["true_sequential"] = True
-    if quant is not None and quant.mse:
-        row["mse"] = True
-    if prune.owl:
-        row.update(owl_lambda=prune.owl_lambda, owl_m=prune.owl_m, owl_samples=prune.owl_samples)
-    if prune.reconstruct:
-        row.update(reconstruct_steps=prune.reconstruct_steps, reconstruct_lr=prune.reconstruct_lr)
-    if mixed is not None:
-        row.update(target_avg_bits=mixed.target_avg_bits, bit_method=mixed.method,
-                   mixed_unit=mixed.unit_for(None if quant is None else quant.groupsize),
-                   error_model=mixed.error_model_for(None if quant is None else quant.groupsize))
-    return row
 
 
 def _exp(x: float) -> float:

@@ -35,7 +35,7 @@ from .solver import (
     wanda_mask,
 )
 
-__all__ = ["METHODS", "PruneConfig", "PruneResult", "prune_model"]
+__all__ = ["METHODS", "PruneConfig", "PruneResult", "prune_model", "prune_setting_keys"]
 
 METHODS = ("sparsegpt", "wanda", "magnitude", "admm")
 # the exact update's conjugate-gradient tolerance in the pipeline: at a 1e-3 relative residual
@@ -184,6 +184,45 @@ class PruneResult:
 
 def _device_of(module: nn.Module) -> torch.device:
     return next(module.parameters()).device
+
+
+def prune_setting_keys(config: PruneConfig) -> dict:
+    """The result-row keys (DESIGN §4) of what ``config`` asks of every layer: the method, the
+    pattern, the quantization grid and budget, the solver's settings, OWL and reconstruction.
+
+    Quantization-only keys are None for a run that does not quantize. Keys of options added
+    after the first results (true-sequential, the clipping search, the reconstruction targets
+    and parts) appear only when set away from their old behaviour, so earlier rows stay
+    comparable; OWL's and reconstruction's own settings appear only when those are on.
+    """
+    quant, mixed = config.quant, config.mixed
+    bits = quant.bits if quant is not None and mixed is None else None
+    row = {
+        "method": config.method, "nm": f"{config.nm[0]}:{config.nm[1]}" if config.nm else None,
+        "wbits": int(bits) if bits is not None and not torch.is_tensor(bits) else None,
+        "groupsize": quant.groupsize if quant is not None else None,
+        "sym": bool(quant.sym) if quant is not None else None,
+        "act_order": bool(config.act_order) if quant is not None else None,
+        "target_avg_bits": mixed.target_avg_bits if mixed else None,
+        "bit_method": mixed.method if mixed else None,
+        "mixed_unit": mixed.unit_for(quant.groupsize) if mixed else None,
+        "error_model": mixed.error_model_for(quant.groupsize) if mixed else None,
+        "percdamp": config.percdamp, "blocksize": config.blocksize, "mask_blocksize": config.mask_blocksize,
+        "owl": config.owl, "exact_update": config.exact_update, "reconstruct": config.reconstruct,
+    }
+    if config.sequential_groups:
+        row["true_sequential"] = True
+    if quant is not None and quant.mse:
+        row["mse"] = True
+    if config.owl:
+        row.update(owl_lambda=config.owl_lambda, owl_m=config.owl_m, owl_samples=config.owl_samples)
+    if config.reconstruct:
+        row.update(reconstruct_steps=config.reconstruct_steps, reconstruct_lr=config.reconstruct_lr)
+        defaults = PruneConfig.__dataclass_fields__
+        for key in ("reconstruct_targets", "reconstruct_parts"):
+            if getattr(config, key) != defaults[key].default:
+                row[key] = getattr(config, key)
+    return row
 
 
 @torch.no_grad()

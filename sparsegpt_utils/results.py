@@ -41,7 +41,7 @@ RUN_SETTING_KEYS = (
     "allocation", "importance",
     "act_order", "true_sequential", "percdamp", "blocksize", "mask_blocksize",
     "owl", "owl_lambda", "owl_m", "owl_samples", "exact_update",
-    "reconstruct", "reconstruct_steps", "reconstruct_lr",
+    "reconstruct", "reconstruct_steps", "reconstruct_lr", "reconstruct_targets", "reconstruct_parts",
     "calib", "calib_samples", "seqlen", "seed",
     "eval", "eval_windows", "eval_seqlen",
     "finetune_steps", "train_tokens", "dtype",

@@ -21,7 +21,7 @@ from sparsegpt_utils.experiment import (
     run_experiment,
 )
 from sparsegpt_utils.notebook import experiments_from_parameters, parse_list_parameter
-from sparsegpt_utils.prune import PruneConfig
+from sparsegpt_utils.prune import PruneConfig, prune_setting_keys
 
 NOTEBOOK1 = Path(__file__).resolve().parents[1] / "notebooks" / "1_SparseGPT.ipynb"
 
@@ -85,6 +85,7 @@ def test_run_uses_the_prune_config_as_is_and_records_both_density_and_sparsity(t
     assert seen == [prune] and seen[0] is prune  # no field-by-field copy
     assert result["density"] == 0.4 and result["sparsity"] == pytest.approx(0.6)
     assert result["blocksize"] == 32 and result["note"] == "x" and result["eval_windows"] == 2
+    assert {k: result[k] for k in prune_setting_keys(prune)} == prune_setting_keys(prune)
     assert abs(result["density_achieved"] - 0.4) < 0.01
 
 

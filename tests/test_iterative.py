@@ -254,6 +254,8 @@ def test_every_pruning_setting_is_carried_to_every_level(tmp_path, monkeypatch):
                             "percdamp": 0.05, "prior": level > 0}
     assert (history["wbits"] == 4).all() and (history["percdamp"] == 0.05).all()
     assert (history["blocksize"] == 32).all() and (history["mask_blocksize"] == 16).all()
+    # the same setting keys as a one-shot row: act-order and the grid's symmetry too
+    assert history["act_order"].eq(True).all() and history["sym"].eq(False).all()
     # every level's saved model is quantized: each row's weights on a 16-level grid, masks nested
     before = None
     for level in (1, 2):

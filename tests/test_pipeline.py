@@ -1,6 +1,8 @@
 """Adapters, block replay, the sequential pipeline and perplexity, on tiny random models
 (fast) and on the real smollm2-135m (slow)."""
 
+import json
+
 import pytest
 import torch
 
@@ -14,7 +16,7 @@ from sparsegpt_utils.models import (
     pruned_linears,
     run_block,
 )
-from sparsegpt_utils.prune import PruneConfig, prune_model
+from sparsegpt_utils.prune import PruneConfig, prune_model, prune_setting_keys
 from sparsegpt_utils.quant import QuantSpec
 from tests.conftest import tiny_llama, tiny_opt
 
@@ -378,3 +380,33 @@ def test_hessian_pass_stops_once_every_hooked_layer_has_its_input(make, quant):
     # one call: the forward that records the blocks' arguments (once per batch size), none per batch
     assert lengths.count(32) == 1
     assert len(result.layers) == sum(len(g) for g in get_adapter(model).linear_groups(block))
+
+
+def test_every_setting_that_changes_the_model_is_a_recorded_run_setting():
+    """Result rows (one-shot and iterative alike) carry every pruning setting that changes the
+    model, under names tables split on (RUN_SETTING_KEYS): two runs that differ in any of them
+    are never one row. Options added later appear only when set, so older rows still match."""
+    from sparsegpt_utils.mixed_precision import MixedPrecisionConfig
+    from sparsegpt_utils.results import RUN_SETTING_KEYS
+
+    base = dict(method="sparsegpt", density=0.5, owl=True, reconstruct=True)
+    changes = [dict(method="admm"), dict(nm="2:4", owl=False), dict(percdamp=0.1), dict(blocksize=64),
+               dict(mask_blocksize=64), dict(owl=False), dict(owl_lambda=0.2), dict(owl_m=7.0),
+               dict(owl_samples=None), dict(exact_update=True), dict(reconstruct=False),
+               dict(reconstruct_steps=5), dict(reconstruct_lr=1e-3),
+               dict(reconstruct_targets="pruned-inputs"), dict(reconstruct_parts="sublayers"),
+               dict(quant=QuantSpec(4)), dict(quant=QuantSpec(4, groupsize=32)),
+               dict(quant=QuantSpec(4, sym=True)), dict(quant=QuantSpec(4, mse=True)),
+               dict(quant=QuantSpec(4), act_order=False), dict(quant=QuantSpec(4), true_sequential=False),
+               dict(quant=QuantSpec(4, groupsize=32), mixed=MixedPrecisionConfig(3.5)),
+               dict(quant=QuantSpec(4, groupsize=32), mixed=MixedPrecisionConfig(3.5, unit="row")),
+               dict(quant=QuantSpec(4, groupsize=32), mixed=MixedPrecisionConfig(3.5, error_model="range"))]
+    seen = {}
+    for change in [{}, *changes]:
+        keys = prune_setting_keys(PruneConfig(**{**base, **change}))
+        assert set(keys) <= set(RUN_SETTING_KEYS), set(keys) - set(RUN_SETTING_KEYS)
+        text = json.dumps(keys, sort_keys=True, default=str)
+        assert text not in seen, (change, seen.get(text))
+        seen[text] = change
+    old = prune_setting_keys(PruneConfig(density=0.5, reconstruct=True))
+    assert "reconstruct_targets" not in old and "reconstruct_parts" not in old and "mse" not in old
