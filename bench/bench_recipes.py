@@ -177,7 +177,7 @@ def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, d
     levels = schedule(recipe, density)
     per_level = [args.steps // len(levels) + (i < args.steps % len(levels)) for i in range(len(levels))]
     model = copy.deepcopy(dense).requires_grad_(True)
-    family = "sparsegpt+finetune" if recipe == "oneshot" else "iterative"
+    family = f"{args.method}+finetune" if recipe == "oneshot" else "iterative"  # as sweep.add_family
     tag = f"{recipe} {loss} lr={lr:g} → {density}"
     out, masks, tokens, spent = [], None, 0, owl_seconds
     ft_base = FinetuneConfig(lr=lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
