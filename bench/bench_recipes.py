@@ -17,7 +17,8 @@ training text (a new draw per level), with ``--owl`` / ``--exact-update`` / ``--
 Training text: WikiText-2 validation (its last ``--val-tokens`` held out); evaluation: the first
 ``--eval-windows`` × ``--eval-seqlen`` windows of WikiText-2 test, every ``--eval-every`` steps
 and at the end of each level. ``seconds`` counts pruning and training only (evaluations excluded).
-Writes ``--out``.csv (one row per evaluation point, result-row keys) and ``--out``.png/.svg.
+Writes ``--out``.csv (one row per evaluation point, result-row keys) and ``--out``.png/.svg;
+``--plot-from a.csv,b.csv`` plots earlier outputs together instead (one evaluation protocol only).
 """
 
 from __future__ import annotations
@@ -102,6 +103,9 @@ def parse_args(argv=None):
     a("--threads", type=int, default=2)
     a("--seed", type=int, default=0)
     a("--out", default="results/bench_recipes")
+    a("--plot-from", default=None, metavar="CSV[,CSV...]",
+      help="run nothing: plot the rows of these earlier outputs together into --out.png/.svg "
+           "(one curve per recipe, loss, learning rate and any other setting that differs)")
     args = p.parse_args(argv)
     args.density_list = [float(x) for x in args.densities.split(",") if x.strip()]
     args.recipe_list = [r.strip() for r in args.recipes.split(",") if r.strip()]
@@ -123,6 +127,13 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.plot_from:
+        table = pd.concat([pd.read_csv(f) for f in args.plot_from.split(",") if f.strip()], ignore_index=True)
+        try:
+            plot(table, args.out)
+        except ValueError as e:
+            raise SystemExit(f"--plot-from: {e}") from None
+        return
     torch.set_num_threads(args.threads)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -232,19 +243,37 @@ def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, d
     return out
 
 
+# what a curve's runs were asked to do besides recipe, loss and rate: curves differ in any of them
+CURVE_SETTINGS = ("model", "method", "owl", "exact_update", "reconstruct", "calib", "calib_samples", "seqlen",
+                  "seed", "batch_size", "train_seqlen", "lr_schedule", "warmup_steps", "adamw", "device",
+                  "threads", "levels")
+
+
 def plot(table: pd.DataFrame, out: str) -> None:
-    """ppl (log) against training tokens, one panel per final density, one line per recipe."""
+    """ppl (log) against training tokens, one panel per final density (with the points of runs
+    that pass through it on the way lower), one line per recipe, loss, learning rate and any
+    other setting that differs between the runs. All rows must share one evaluation protocol
+    (``eval``, ``eval_windows``, ``eval_seqlen``): a mix is refused."""
+    protocols = table[[c for c in ("eval", "eval_windows", "eval_seqlen") if c in table]].drop_duplicates()
+    if len(protocols) > 1:
+        raise ValueError(f"rows from different evaluation protocols, not plotted together:\n{protocols}")
     runs = table[table["recipe"] != "dense"]
     densities = sorted(runs["density_target"].unique(), reverse=True)
     panels = max(1, len(densities))
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
     dense = table.loc[table["recipe"] == "dense", "ppl"]
+    keys = ["recipe", "loss", "lr"]
+    keys += [c for c in CURVE_SETTINGS if c in runs and runs[c].astype(str).nunique() > 1]
     for ax, d in zip(axes[0], densities, strict=False):
-        sub = runs[runs["density_target"] == d]
-        for (recipe, loss, lr), g in sub.groupby(["recipe", "loss", "lr"], sort=True):
+        # every run's points at this density: a recipe passing through it on its way lower shows
+        # where it stood there, at the tokens it had spent by then
+        sub = runs[(runs["density"] - d).abs() < 1e-9]
+        for values, g in sub.groupby(keys, sort=True, dropna=False):
+            recipe, loss, lr, *more = values
             g = g.sort_values(["train_tokens", "level"])
+            extra = "".join(f", {k}={v}" for k, v in zip(keys[3:], more, strict=True))
             ax.plot(g["train_tokens"], g["ppl"], marker="o", ms=3,
-                    label=f"{recipe}, {loss}, lr {lr:g} ({g['seconds'].max() / 60:.0f} min)")
+                    label=f"{recipe}, {loss}, lr {lr:g}{extra} ({g['seconds'].max() / 60:.0f} min)")
         if len(dense):
             ax.axhline(float(dense.iloc[0]), color="k", ls=":", label="dense")
         ax.set_yscale("log")
