@@ -103,6 +103,8 @@ def parse_args(argv=None):
     a("--threads", type=int, default=2)
     a("--seed", type=int, default=0)
     a("--out", default="results/bench_recipes")
+    a("--skip-dense", action="store_true",
+      help="do not evaluate the dense model (its row comes from another output, with --plot-from)")
     a("--plot-from", default=None, metavar="CSV[,CSV...]",
       help="run nothing: plot the rows of these earlier outputs together into --out.png/.svg "
            "(one curve per recipe, loss, learning rate and any other setting that differs)")
@@ -161,10 +163,12 @@ def main(argv=None):
                 eval_seqlen=args.eval_seqlen, batch_size=args.batch_size * args.grad_accum,
                 train_seqlen=args.seqlen, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
                 adamw=args.adamw, device=device.type, threads=args.threads)
-    rows = [{**base, "recipe": "dense", "family": "dense", "method": "dense", "loss": None, "lr": None,
-             "density": 1.0, "density_target": 1.0, "sparsity": 0.0, "ppl": ppl(dense),
-             "train_tokens": 0, "seconds": 0.0, "level": 0, "final": True}]
-    print(f"dense: {rows[0]['ppl']:.2f}", flush=True)
+    rows = []
+    if not args.skip_dense:
+        rows.append({**base, "recipe": "dense", "family": "dense", "method": "dense", "loss": None,
+                     "lr": None, "density": 1.0, "density_target": 1.0, "sparsity": 0.0, "ppl": ppl(dense),
+                     "train_tokens": 0, "seconds": 0.0, "level": 0, "final": True})
+        print(f"dense: {rows[0]['ppl']:.2f}", flush=True)
     for density in args.density_list:
         for recipe in args.recipe_list:
             for loss in args.loss_list:
