@@ -41,6 +41,7 @@ from .models import BUILTIN_MODELS, load_model, model_seqlen, resolve_dtype
 from .prune import PruneConfig, PruneResult, prune_model, prune_setting_keys
 from .quant import QuantSpec
 from .results import append_csv_row, write_json_atomic
+from .solver import nm_text
 from .tasks import TasksUnavailableError, parse_tasks, task_row, zero_shot
 
 __all__ = ["CalibConfig", "EvalConfig", "OutputConfig", "Experiment", "InputError", "run_experiment",
@@ -188,13 +189,6 @@ class OutputConfig:
                 raise ValueError(f"output {name} must be a path or None, got {value!r}")
             if value is not None:
                 setattr(self, name, str(value))
-
-
-def nm_text(nm) -> str | None:
-    """(2, 4) or "2:4" -> "2:4"."""
-    if nm is None:
-        return None
-    return nm if isinstance(nm, str) else f"{nm[0]}:{nm[1]}"
 
 
 def _check_model_name(model) -> None:

@@ -30,6 +30,7 @@ from .solver import (
     HessianAccumulator,
     check_density,
     magnitude_mask,
+    nm_text,
     parse_nm,
     sparsegpt_solve,
     wanda_mask,
@@ -198,7 +199,7 @@ def prune_setting_keys(config: PruneConfig) -> dict:
     quant, mixed = config.quant, config.mixed
     bits = quant.bits if quant is not None and mixed is None else None
     row = {
-        "method": config.method, "nm": f"{config.nm[0]}:{config.nm[1]}" if config.nm else None,
+        "method": config.method, "nm": nm_text(config.nm),
         "wbits": int(bits) if bits is not None and not torch.is_tensor(bits) else None,
         "groupsize": quant.groupsize if quant is not None else None,
         "sym": bool(quant.sym) if quant is not None else None,

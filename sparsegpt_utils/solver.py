@@ -18,6 +18,7 @@ import torch
 from .quant import QuantGrid, QuantSpec, find_params, quantize
 
 __all__ = [
+    "nm_text",
     "EmptyRowsWarning",
     "HessianAccumulator",
     "SolveResult",
@@ -37,6 +38,13 @@ def check_density(density: float, name: str = "density") -> float:
     if not isinstance(density, (int, float)) or not 0 < float(density) <= 1:
         raise ValueError(f"{name} must be in (0, 1] (fraction of weights kept), got {density!r}")
     return float(density)
+
+
+def nm_text(nm) -> str | None:
+    """(2, 4) or "2:4" -> "2:4"."""
+    if nm is None:
+        return None
+    return nm if isinstance(nm, str) else f"{nm[0]}:{nm[1]}"
 
 
 def parse_nm(nm: str | tuple[int, int] | None) -> tuple[int, int] | None:
