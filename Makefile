@@ -46,7 +46,7 @@ notebooks: setup
 	$(PY) -c "import glob; from sparsegpt_utils.notebook import refresh_notebooks as r; r(sorted(glob.glob('notebooks/[0-9]_*.ipynb')))"
 
 lint: setup
-	$(PY) -m ruff check sparsegpt_utils tests bench
+	$(PY) -m ruff check sparsegpt_utils tests bench tools
 
 clean:
 	rm -rf $(VENV) .pytest_cache

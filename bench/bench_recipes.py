@@ -17,7 +17,9 @@ training text (a new draw per level), with ``--owl`` / ``--exact-update`` / ``--
 Training text: WikiText-2 validation (its last ``--val-tokens`` held out); evaluation: the first
 ``--eval-windows`` × ``--eval-seqlen`` windows of WikiText-2 test, every ``--eval-every`` steps
 and at the end of each level. ``seconds`` counts pruning and training only (evaluations excluded).
-Writes ``--out``.csv (one row per evaluation point, result-row keys) and ``--out``.png/.svg;
+Writes ``--out``.csv (one row per evaluation point, result-row keys, each written as measured)
+and ``--out``.png/.svg. Rows already in ``--out``.csv stay: a run finished there with the same
+settings is skipped, one that was killed starts over (its points are replaced).
 ``--plot-from a.csv,b.csv`` plots earlier outputs together instead (one evaluation protocol only).
 """
 
@@ -28,6 +30,7 @@ import copy
 import dataclasses
 import os
 import time
+from pathlib import Path
 
 import matplotlib
 
@@ -163,32 +166,62 @@ def main(argv=None):
                 eval_seqlen=args.eval_seqlen, batch_size=args.batch_size * args.grad_accum,
                 train_seqlen=args.seqlen, lr_schedule=args.lr_schedule, warmup_steps=args.warmup_steps,
                 adamw=args.adamw, device=device.type, threads=args.threads)
-    rows = []
+    base["steps"] = args.steps
+    out_csv = Path(f"{args.out}.csv")
+    # rows already in --out stay: a finished run is skipped, an unfinished one (killed) starts over
+    rows = pd.read_csv(out_csv).to_dict("records") if out_csv.is_file() else []
+
+    def keep(row):  # every evaluation point is written as it is measured
+        rows.append(row)
+        write_csv_atomic(out_csv, pd.DataFrame(rows))
+
     if not args.skip_dense:
-        rows.append({**base, "recipe": "dense", "family": "dense", "method": "dense", "loss": None,
-                     "lr": None, "density": 1.0, "density_target": 1.0, "sparsity": 0.0, "ppl": ppl(dense),
-                     "train_tokens": 0, "seconds": 0.0, "level": 0, "final": True})
-        print(f"dense: {rows[0]['ppl']:.2f}", flush=True)
+        if any(same_run(r, base, recipe="dense", method="dense") for r in rows):
+            print(f"dense: already in {out_csv}", flush=True)
+        else:
+            keep({**base, "recipe": "dense", "family": "dense", "method": "dense", "loss": None,
+                  "lr": None, "density": 1.0, "density_target": 1.0, "sparsity": 0.0, "ppl": ppl(dense),
+                  "train_tokens": 0, "seconds": 0.0, "level": 0, "final": True})
+            print(f"dense: {rows[-1]['ppl']:.2f}", flush=True)
     for density in args.density_list:
         for recipe in args.recipe_list:
             for loss in args.loss_list:
                 for lr in args.lr_list:
-                    rows += run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device,
-                                       density, recipe, loss, lr, base, owl_seconds)
-                    write_csv_atomic(f"{args.out}.csv", pd.DataFrame(rows))
+                    run = dict(recipe=recipe, loss=loss, lr=lr, density_target=density)
+                    if any(same_run(r, base, **run) and _as_text(r.get("final")) == "True" for r in rows):
+                        print(f"{recipe} {loss} lr={lr:g} → {density}: already in {out_csv}, skipped",
+                              flush=True)
+                        continue
+                    rows[:] = [r for r in rows if not same_run(r, base, **run)]  # a killed run's points
+                    run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device,
+                               density, recipe, loss, lr, base, owl_seconds, on_row=keep)
     table = pd.DataFrame(rows)
-    write_csv_atomic(f"{args.out}.csv", table)
-    plot(table, args.out)
-    final = table[table["final"]]
+    write_csv_atomic(out_csv, table)
+    protocol = (table["eval"] == base["eval"]) & (table["eval_windows"] == base["eval_windows"]) & (
+        table["eval_seqlen"] == base["eval_seqlen"])
+    plot(table[protocol], args.out)  # rows of another protocol in the same file are not plotted
+    final = table[table["final"].astype(bool) & protocol]
     with pd.option_context("display.width", 200, "display.max_columns", 20):
         print(final[["recipe", "loss", "lr", "density_target", "sparsity", "ppl", "train_tokens",
                      "seconds"]].round({"ppl": 2, "sparsity": 4, "seconds": 1}).to_string(index=False))
 
 
+def _as_text(value) -> str:
+    # CSV round trips turn 260 into 260.0 once a column has a gap: compare 260 and 260.0 as equal
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return str(value)
+
+
+def same_run(row: dict, base: dict, **run) -> bool:
+    """Whether ``row`` (from --out) was measured with the settings ``base`` and ``run``."""
+    return all(_as_text(row.get(k)) == _as_text(v) for k, v in {**base, **run}.items())
+
+
 def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, density, recipe, loss, lr,
-               base, owl_seconds=0.0) -> list[dict]:
+               base, owl_seconds=0.0, on_row=None) -> list[dict]:
     """One recipe at one final density: rows at every evaluation point (``seconds``: pruning and
-    training so far, evaluations excluded)."""
+    training so far, evaluations excluded), each also passed to ``on_row`` when measured."""
     levels = schedule(recipe, density)
     per_level = [args.steps // len(levels) + (i < args.steps % len(levels)) for i in range(len(levels))]
     model = copy.deepcopy(dense).requires_grad_(True)
@@ -213,6 +246,8 @@ def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, d
         print(f"{tag}: level {level} density {level_density:g}, {at_tokens} tokens, {spent / 60:.1f} min, "
               f"ppl {row['ppl']:.2f}", flush=True)
         out.append(row)
+        if on_row is not None:
+            on_row(row)
 
     for level, (d, steps) in enumerate(zip(levels, per_level, strict=True), start=1):
         t0 = time.perf_counter()
@@ -250,7 +285,7 @@ def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, d
 # what a curve's runs were asked to do besides recipe, loss and rate: curves differ in any of them
 CURVE_SETTINGS = ("model", "method", "owl", "exact_update", "reconstruct", "calib", "calib_samples", "seqlen",
                   "seed", "batch_size", "train_seqlen", "lr_schedule", "warmup_steps", "adamw", "device",
-                  "threads", "levels")
+                  "threads", "levels", "steps")
 
 
 def plot(table: pd.DataFrame, out: str) -> None:
