@@ -112,10 +112,25 @@ def parse_args(argv=None):
       help="run nothing: plot the rows of these earlier outputs together into --out.png/.svg "
            "(one curve per recipe, loss, learning rate and any other setting that differs)")
     args = p.parse_args(argv)
-    args.density_list = [float(x) for x in args.densities.split(",") if x.strip()]
+
+    def floats(name, text):
+        try:
+            return [float(x) for x in text.split(",") if x.strip()]
+        except ValueError:
+            p.error(f"{name}: {text!r}: comma-separated numbers")
+
+    args.density_list = floats("--densities", args.densities)
     args.recipe_list = [r.strip() for r in args.recipes.split(",") if r.strip()]
     args.loss_list = [x.strip() for x in args.losses.split(",") if x.strip()]
-    args.lr_list = [float(x) for x in args.lrs.split(",") if x.strip()]
+    args.lr_list = floats("--lrs", args.lrs)
+    for name, values in (("--densities", args.density_list), ("--recipes", args.recipe_list),
+                         ("--losses", args.loss_list), ("--lrs", args.lr_list)):
+        if not values:
+            p.error(f"{name}: give at least one value")
+    if not all(0 < d < 1 for d in args.density_list):
+        p.error(f"--densities: {args.densities!r}: fractions KEPT, each in (0, 1)")
+    if not all(lr > 0 for lr in args.lr_list):
+        p.error(f"--lrs: {args.lrs!r}: learning rates, each > 0")
     for r in args.recipe_list:
         for d in args.density_list:
             try:

@@ -32,6 +32,19 @@ def test_same_run_matches_csv_round_trips_and_nothing_else():
     assert not same_run({k: v for k, v in row.items() if k != "steps"}, base, recipe="oneshot", lr=1e-3)
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--densities", "1.5"], "--densities: '1.5': fractions KEPT, each in (0, 1)"),
+    (["--densities", "x"], "--densities: 'x': comma-separated numbers"),
+    (["--lrs", "0"], "--lrs: '0': learning rates, each > 0"),
+    (["--losses", ","], "--losses: give at least one value"),
+    (["--recipes", "iter9"], "--recipes: 'iter9' is not one of"),
+])
+def test_bad_settings_are_one_line_errors_before_any_work(argv, message, capsys):
+    with pytest.raises(SystemExit) as e:
+        _bench().parse_args(argv)
+    assert e.value.code == 2 and message in capsys.readouterr().err
+
+
 @pytest.mark.skipif(not have_shared_data(), reason="the benchmark trains on ../shared/data WikiText-2")
 def test_rerun_keeps_finished_runs_and_restarts_a_killed_one(tiny_model_dir, tmp_path, capsys):
     bench = _bench()
