@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import have_shared_data
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "bench_recipes.py"
 
@@ -45,8 +44,10 @@ def test_bad_settings_are_one_line_errors_before_any_work(argv, message, capsys)
     assert e.value.code == 2 and message in capsys.readouterr().err
 
 
-@pytest.mark.skipif(not have_shared_data(), reason="the benchmark trains on ../shared/data WikiText-2")
-def test_rerun_keeps_finished_runs_and_restarts_a_killed_one(tiny_model_dir, tmp_path, capsys):
+def test_rerun_keeps_finished_runs_and_restarts_a_killed_one(tiny_model_dir, calib_source, eval_source,
+                                                             tmp_path, capsys):
+    if (calib_source, eval_source) != ("wikitext2-valid", "wikitext2"):
+        pytest.skip("the benchmark trains and evaluates on WikiText-2 (../shared/data)")
     bench = _bench()
     out = tmp_path / "recipes"
     argv = ["--model", str(tiny_model_dir), "--densities", "0.5", "--recipes", "oneshot", "--losses", "kd",
