@@ -119,11 +119,12 @@ def test_sweep_runs_resumes_and_never_loses_finished_runs(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_sweep_reports_timeouts_and_missing_results(tmp_path):
-    table = sweep.run_sweep(DEMO, [{"SLEEP": 60}, {"WRITE": False}], tmp_path, timeout=8, gpus=[],
-                            progress=False)
-    errors = dict(zip(table["SLEEP"].fillna(0), table["error"], strict=True))
-    assert errors[60] == "timed out after 8 s"
-    assert errors[0] == "the notebook finished but wrote nothing to RESULT_JSON"
+    slow = sweep.run_sweep(DEMO, [{"SLEEP": 600}], tmp_path, timeout=8, gpus=[], progress=False)
+    assert list(slow["error"]) == ["timed out after 8 s"]
+    # a notebook that finishes: its own generous limit, so that a loaded machine's slow kernel
+    # start does not turn "wrote nothing" into a timeout
+    silent = sweep.run_sweep(DEMO, [{"WRITE": False}], tmp_path, timeout=300, gpus=[], progress=False)
+    assert list(silent["error"]) == ["the notebook finished but wrote nothing to RESULT_JSON"]
     assert sweep.collect_results(tmp_path).empty
 
 
