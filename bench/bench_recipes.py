@@ -234,15 +234,15 @@ def same_run(row: dict, base: dict, **run) -> bool:
 
 
 def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, density, recipe, loss, lr,
-               base, owl_seconds=0.0, on_row=None) -> list[dict]:
-    """One recipe at one final density: rows at every evaluation point (``seconds``: pruning and
-    training so far, evaluations excluded), each also passed to ``on_row`` when measured."""
+               base, owl_seconds, on_row) -> None:
+    """One recipe at one final density: a row at every evaluation point (``seconds``: pruning and
+    training so far, evaluations excluded), each passed to ``on_row`` as it is measured."""
     levels = schedule(recipe, density)
     per_level = [args.steps // len(levels) + (i < args.steps % len(levels)) for i in range(len(levels))]
     model = copy.deepcopy(dense).requires_grad_(True)
     family = f"{args.method}+finetune" if recipe == "oneshot" else "iterative"  # as sweep.add_family
     tag = f"{recipe} {loss} lr={lr:g} → {density}"
-    out, masks, tokens, spent = [], None, 0, owl_seconds
+    masks, tokens, spent = None, 0, owl_seconds
     ft_base = FinetuneConfig(lr=lr, batch_size=args.batch_size, grad_accum=args.grad_accum,
                              seqlen=args.seqlen, warmup_steps=args.warmup_steps, val_windows=0,
                              lr_schedule=args.lr_schedule,
@@ -260,9 +260,7 @@ def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, d
                "levels": "→".join(f"{d:g}" for d in levels)}
         print(f"{tag}: level {level} density {level_density:g}, {at_tokens} tokens, {spent / 60:.1f} min, "
               f"ppl {row['ppl']:.2f}", flush=True)
-        out.append(row)
-        if on_row is not None:
-            on_row(row)
+        on_row(row)
 
     for level, (d, steps) in enumerate(zip(levels, per_level, strict=True), start=1):
         t0 = time.perf_counter()
@@ -294,7 +292,6 @@ def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, d
             raise RuntimeError(f"{tag}: a pruned weight became nonzero during fine-tuning")
         tokens += res.tokens
         record(level, d, tokens, level == len(levels), model)
-    return out
 
 
 # what a curve's runs were asked to do besides recipe, loss and rate: curves differ in any of them
