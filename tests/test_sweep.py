@@ -308,6 +308,11 @@ def test_plan_finds_finished_runs_by_hash_and_names_folders_by_grid_axes(tmp_pat
 ROOT = Path(__file__).resolve().parents[1]
 
 
+# how long a signalled sweep may take to exit: long enough for a loaded 2-core machine, so that
+# only a hang fails
+SIGNALLED_EXIT_S = 120
+
+
 def _start_sweep(tmp_path, grid):
     """``python -m sparsegpt_utils sweep`` on the demo notebook, in a session of its own as a
     shell runs a command (so that Ctrl-C can be sent to its group)."""
@@ -367,7 +372,7 @@ def test_a_killed_sweep_takes_its_notebook_and_kernel_with_it_and_resumes_withou
     try:
         tree = _held_tree(proc, csv, 1)
         os.kill(proc.pid, signal.SIGKILL)
-        proc.communicate(timeout=120)  # a loaded 2-core machine: a hang, not slowness
+        proc.communicate(timeout=SIGNALLED_EXIT_S)
     finally:
         orphans = _orphans(tree, proc)
     assert orphans == []
@@ -392,7 +397,7 @@ def test_ctrl_c_stops_a_sweep_at_once_and_keeps_finished_runs(tmp_path):
     try:
         tree = _held_tree(proc, csv, 2)
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
-        _, err = proc.communicate(timeout=120)  # a loaded 2-core machine: a hang, not slowness
+        _, err = proc.communicate(timeout=SIGNALLED_EXIT_S)
     finally:
         orphans = _orphans(tree, proc)
     assert orphans == []
