@@ -13,7 +13,8 @@ Recipes (density = fraction KEPT, sparsity = 1 − density):
   run at 0.1 also reports 0.2 after its first level's fine-tuning, at the time spent by then.
 Losses: ``kd`` (token KL to the dense model), ``kd+sh`` (KL + SquareHead), ``lm+kd``.
 Every level prunes with ``--method`` on ``--calib-samples`` × ``--calib-seqlen`` tokens of the
-training text (a new draw per level), with ``--owl`` / ``--exact-update`` / ``--reconstruct``.
+training text (a new draw per level), with ``--owl`` (``--owl-lambda``, ``--owl-m``: the block
+densities, fixed once from the dense model) / ``--exact-update`` / ``--reconstruct``.
 Training text: WikiText-2 validation (its last ``--val-tokens`` held out); evaluation: the first
 ``--eval-windows`` × ``--eval-seqlen`` windows of WikiText-2 test, every ``--eval-every`` steps
 and at the end of each level. ``seconds`` counts pruning and training only (evaluations excluded).
@@ -92,6 +93,8 @@ def parse_args(argv=None):
     a("--lr-schedule", default="constant", choices=LR_SCHEDULES, help="after warm-up, within each level")
     a("--method", default="sparsegpt", choices=METHODS)
     a("--owl", action="store_true")
+    a("--owl-lambda", type=float, default=PruneConfig.owl_lambda, help="OWL: spread of the block densities")
+    a("--owl-m", type=float, default=PruneConfig.owl_m, help="OWL: outlier threshold, x the mean Wanda score")
     a("--exact-update", action="store_true")
     a("--reconstruct", action="store_true")
     a("--calib-samples", type=int, default=8)
@@ -142,6 +145,8 @@ def parse_args(argv=None):
         p.error(f"--losses: {bad} not in {list(LOSSES)}")
     if args.steps < 1 or args.eval_every < 1:
         p.error("--steps and --eval-every must be >= 1")
+    if not (args.owl_lambda >= 0 and args.owl_m > 0):
+        p.error(f"--owl-lambda must be >= 0 and --owl-m > 0, got {args.owl_lambda:g}, {args.owl_m:g}")
     return args
 
 
@@ -173,9 +178,10 @@ def main(argv=None):
     if args.owl:  # outlier ratios of the dense model, once: per-block densities then only fall
         t0 = time.perf_counter()
         calib = calibration_windows_from_ids(train_part, args.calib_samples, args.calib_seqlen, args.seed)
-        ratios = outlier_ratios(dense, calib, 5.0, device, False)
+        ratios = outlier_ratios(dense, calib, args.owl_m, device, False)
         owl_seconds = time.perf_counter() - t0  # charged to every recipe's first level
-    base = dict(model=args.model, method=args.method, owl=args.owl, exact_update=args.exact_update,
+    base = dict(model=args.model, method=args.method, owl=args.owl, **owl_settings(args),
+                exact_update=args.exact_update,
                 reconstruct=args.reconstruct, calib="wikitext2-valid", calib_samples=args.calib_samples,
                 seqlen=args.calib_seqlen, seed=args.seed, eval="wikitext2", eval_windows=args.eval_windows,
                 eval_seqlen=args.eval_seqlen, batch_size=args.batch_size * args.grad_accum,
@@ -228,8 +234,23 @@ def _as_text(value) -> str:
     return str(value)
 
 
+# rows written before OWL's settings were options ran with these (then fixed) values
+OWL_BEFORE_OPTIONS = {"owl_lambda": 0.08, "owl_m": 5.0}
+
+
+def owl_settings(args_or_row) -> dict:
+    """``owl_lambda`` and ``owl_m`` of a run with OWL (absent without it: they change nothing);
+    a row from before they were options gets the values it ran with."""
+    get = args_or_row.get if isinstance(args_or_row, dict) else lambda k: getattr(args_or_row, k, None)
+    if _as_text(get("owl")) != "True":
+        return {}
+    return {k: v if (v := get(k)) is not None and not pd.isna(v) else before
+            for k, before in OWL_BEFORE_OPTIONS.items()}
+
+
 def same_run(row: dict, base: dict, **run) -> bool:
     """Whether ``row`` (from --out) was measured with the settings ``base`` and ``run``."""
+    row = {**row, **owl_settings(row)}
     return all(_as_text(row.get(k)) == _as_text(v) for k, v in {**base, **run}.items())
 
 
@@ -266,7 +287,7 @@ def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, d
         t0 = time.perf_counter()
         calib = calibration_windows_from_ids(train_part, args.calib_samples, args.calib_seqlen,
                                              args.seed + level)
-        block_densities = owl_densities(ratios, d, 0.08, params) if ratios else None
+        block_densities = owl_densities(ratios, d, args.owl_lambda, params) if ratios else None
         config = PruneConfig(method=args.method, density=d, prior_masks=masks,
                              block_densities=block_densities, exact_update=args.exact_update,
                              reconstruct=args.reconstruct)
@@ -295,9 +316,9 @@ def run_recipe(args, dense, train_part, val_part, ppl, params, ratios, device, d
 
 
 # what a curve's runs were asked to do besides recipe, loss and rate: curves differ in any of them
-CURVE_SETTINGS = ("model", "method", "owl", "exact_update", "reconstruct", "calib", "calib_samples", "seqlen",
-                  "seed", "batch_size", "train_seqlen", "lr_schedule", "warmup_steps", "adamw", "device",
-                  "threads", "levels", "steps")
+CURVE_SETTINGS = ("model", "method", "owl", "owl_lambda", "owl_m", "exact_update", "reconstruct", "calib",
+                  "calib_samples", "seqlen", "seed", "batch_size", "train_seqlen", "lr_schedule",
+                  "warmup_steps", "adamw", "device", "threads", "levels", "steps")
 
 
 def plot(table: pd.DataFrame, out: str) -> None:
@@ -309,6 +330,7 @@ def plot(table: pd.DataFrame, out: str) -> None:
     if len(protocols) > 1:
         raise ValueError(f"rows from different evaluation protocols, not plotted together:\n{protocols}")
     runs = table[table["recipe"] != "dense"]
+    runs = pd.DataFrame([{**r, **owl_settings(r)} for r in runs.to_dict("records")], index=runs.index)
     densities = sorted(runs["density_target"].unique(), reverse=True)
     panels = max(1, len(densities))
     fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 4.5), squeeze=False)
@@ -322,7 +344,7 @@ def plot(table: pd.DataFrame, out: str) -> None:
         for values, g in sub.groupby(keys, sort=True, dropna=False):
             recipe, loss, lr, *more = values
             g = g.sort_values(["train_tokens", "level"])
-            extra = "".join(f", {k}={v}" for k, v in zip(keys[3:], more, strict=True))
+            extra = "".join(f", {k}={v}" for k, v in zip(keys[3:], more, strict=True) if not pd.isna(v))
             ax.plot(g["train_tokens"], g["ppl"], marker="o", ms=3,
                     label=f"{recipe}, {loss}, lr {lr:g}{extra} ({g['seconds'].max() / 60:.0f} min)")
         if len(dense):

@@ -31,7 +31,39 @@ def test_same_run_matches_csv_round_trips_and_nothing_else():
     assert not same_run({k: v for k, v in row.items() if k != "steps"}, base, recipe="oneshot", lr=1e-3)
 
 
+def test_owl_settings_tell_runs_apart_and_older_rows_keep_the_values_they_ran_with():
+    bench = _bench()
+    args = bench.parse_args(["--owl", "--owl-lambda", "0.15"])
+    base = {"owl": True, **bench.owl_settings(args)}
+    assert base == {"owl": True, "owl_lambda": 0.15, "owl_m": 5.0}
+    older = {"owl": True, "recipe": "oneshot"}  # written when lambda 0.08 and M 5 were fixed
+    assert not bench.same_run(older, base, recipe="oneshot")
+    assert bench.same_run(older, {"owl": True, **bench.owl_settings(bench.parse_args(["--owl"]))},
+                          recipe="oneshot")
+    assert bench.owl_settings(bench.parse_args([])) == {}  # without OWL they change nothing
+
+
+def test_plot_draws_one_curve_per_owl_setting(tmp_path, monkeypatch):
+    bench = _bench()
+    point = {"eval": "wikitext2", "eval_windows": 2, "eval_seqlen": 32, "recipe": "oneshot", "loss": "kd",
+             "lr": 1e-3, "owl": True, "density": 0.2, "density_target": 0.2, "level": 1, "seconds": 60.0}
+    rows = [{**point, "train_tokens": t, "ppl": p} for t, p in ((0, 150.0), (64, 120.0))]  # lambda 0.08
+    rows += [{**point, "owl_lambda": 0.15, "owl_m": 5.0, "train_tokens": t, "ppl": p}
+             for t, p in ((0, 140.0), (64, 110.0))]
+    labels, draw = [], bench.plt.Axes.plot
+
+    def plot_and_keep_label(ax, *args, **kw):
+        labels.append(kw.get("label"))
+        return draw(ax, *args, **kw)
+
+    monkeypatch.setattr(bench.plt.Axes, "plot", plot_and_keep_label)
+    bench.plot(pd.DataFrame(rows), str(tmp_path / "fig"))
+    assert len(labels) == 2 and any("owl_lambda=0.08" in x for x in labels)
+    assert any("owl_lambda=0.15" in x for x in labels) and (tmp_path / "fig.png").is_file()
+
+
 @pytest.mark.parametrize("argv, message", [
+    (["--owl", "--owl-lambda", "-1"], "--owl-lambda must be >= 0 and --owl-m > 0"),
     (["--densities", "1.5"], "--densities: '1.5': fractions KEPT, each in (0, 1)"),
     (["--densities", "x"], "--densities: 'x': comma-separated numbers"),
     (["--lrs", "0"], "--lrs: '0': learning rates, each > 0"),
