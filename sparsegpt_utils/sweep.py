@@ -44,7 +44,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -450,16 +450,24 @@ def _execute(run: Run, notebook: Path, cwd: Path, kernel: str | None, env: dict,
 
 
 @contextlib.contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """A second Ctrl-C must not cut the clean-up of the first short (main thread only)."""
+def _stop_requests() -> Iterator[list[int]]:
+    """While a sweep runs, Ctrl-C and SIGTERM only record themselves in the yielded list; the main
+    thread reads it between short waits. A KeyboardInterrupt raised inside the locks of
+    ``concurrent.futures`` could leave one held and the sweep hung, and a signal the kernel hands
+    to a worker thread never wakes a main thread blocked on a lock. (Main thread only: elsewhere
+    no handler can be set and a KeyboardInterrupt stays the way in.)"""
+    requests: list[int] = []
     if threading.current_thread() is not threading.main_thread():
-        yield
+        yield requests
         return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    previous = {s: signal.signal(s, lambda signum, frame: requests.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
     try:
-        yield
+        yield requests
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for s, handler in previous.items():
+            if handler is not None:  # None: a handler not set from Python, which cannot be restored
+                signal.signal(s, handler)
 
 
 def run_sweep(
@@ -484,7 +492,8 @@ def run_sweep(
     ``timeout``: seconds per run. ``env``: extra environment variables for the runs.
     Returns one row per run: ``run_id``, ``status`` (skipped / ok / failed), ``seconds``,
     ``error``, ``gpu``, ``folder`` and the run's parameters; failures are also printed.
-    Ctrl-C stops every running notebook and starts no other, then raises
+    Ctrl-C (or SIGTERM; from the main thread, whichever thread the signal lands on) stops every
+    running notebook within about a second and starts no other, then raises
     :class:`SweepInterrupted`; finished runs stay.
     """
     notebook = Path(notebook)
@@ -533,24 +542,29 @@ def run_sweep(
     if len(runs) > len(todo):
         print(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished, skipped")
     bar = tqdm(total=len(todo), desc=f"sweep {notebook.stem}", disable=not progress or not todo)
-    failures, interrupted = 0, False
+    failures = 0
     # the worker threads start the papermill children and live until every child is reaped:
     # a child's death signal is tied to the thread that started it
     pool = ThreadPoolExecutor(max_workers=parallel)
-    try:
-        futures = [pool.submit(work, run) for run in todo]
-        for fut in as_completed(futures):
-            failures += fut.result().status == "failed"
-            bar.set_postfix(failed=failures)
-            bar.update()
-    except KeyboardInterrupt:
-        interrupted = True
-        stop.set()
-        with _sigint_ignored():
-            pool.shutdown(wait=True, cancel_futures=True)
-    finally:
-        pool.shutdown(wait=True)
-        bar.close()
+    with _stop_requests() as requests:
+        try:
+            pending = {pool.submit(work, run) for run in todo}
+            while pending and not requests:
+                done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
+                for fut in done:
+                    failures += fut.result().status == "failed"
+                    bar.set_postfix(failed=failures)
+                    bar.update()
+        except KeyboardInterrupt:  # off the main thread
+            requests.append(signal.SIGINT)
+        finally:
+            if requests:  # no new run starts; running notebooks are killed with their kernels
+                stop.set()
+                pool.shutdown(wait=True, cancel_futures=True)
+            pool.shutdown(wait=True)
+            bar.close()
+    interrupted = bool(requests)
+    failures = sum(r.status == "failed" for r in todo)  # runs that ended while a stop was handled too
     for run in todo:
         if run.status == "pending":
             run.status = "not started"

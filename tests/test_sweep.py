@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -415,6 +416,37 @@ def test_ctrl_c_stops_a_sweep_at_once_and_keeps_finished_runs(tmp_path):
     assert next(runs.glob("*x=1*/result.json")).stat().st_mtime_ns == first
     assert _csv_densities(csv) == [2]  # the stopped attempt's row replaced
     assert sorted(sweep.collect_results(runs)["density"]) == [1, 2, 3]
+
+
+@pytest.mark.slow
+def test_ctrl_c_handed_to_another_thread_still_stops_the_sweep_at_once(tmp_path):
+    """The kernel may deliver a process's SIGINT to any of its threads; a main thread blocked
+    waiting for a held run would then not see it until that run ended."""
+    csv, hold = tmp_path / "rows.csv", tmp_path / "hold"
+    hold.touch()
+    grid = [{"x": 1, "HOLD": str(hold), "CSV": str(csv)}]
+    sent, finished = [], threading.Event()
+
+    def ctrl_c_on_this_thread():
+        with contextlib.suppress(AssertionError):
+            _wait_for(lambda: 1 in _csv_densities(csv))
+        sent.append(time.monotonic())
+        signal.pthread_kill(threading.get_ident(), signal.SIGINT)
+        finished.wait(SIGNALLED_EXIT_S)  # a sweep that missed it ends when the held run is let go
+        hold.unlink(missing_ok=True)
+
+    helper = threading.Thread(target=ctrl_c_on_this_thread, daemon=True)
+    helper.start()
+    try:
+        with pytest.raises(sweep.SweepInterrupted) as stopped:
+            sweep.run_sweep(DEMO, grid, tmp_path / "runs", parallel=1, gpus=[], progress=False)
+        waited = time.monotonic() - sent[0]
+    finally:
+        finished.set()
+        helper.join()
+    assert waited < SIGNALLED_EXIT_S / 4, waited
+    assert stopped.value.table["status"].tolist() == ["stopped"]
+    assert sweep.collect_results(tmp_path / "runs").empty
 
 
 def test_refresh_notebooks_writes_outputs_without_machine_paths(tmp_path):
