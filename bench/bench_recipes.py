@@ -180,7 +180,7 @@ def main(argv=None):
         calib = calibration_windows_from_ids(train_part, args.calib_samples, args.calib_seqlen, args.seed)
         ratios = outlier_ratios(dense, calib, args.owl_m, device, False)
         owl_seconds = time.perf_counter() - t0  # charged to every recipe's first level
-    base = dict(model=args.model, method=args.method, owl=args.owl, **owl_settings(args),
+    base = dict(model=args.model, method=args.method, owl=args.owl, **owl_settings(vars(args)),
                 exact_update=args.exact_update,
                 reconstruct=args.reconstruct, calib="wikitext2-valid", calib_samples=args.calib_samples,
                 seqlen=args.calib_seqlen, seed=args.seed, eval="wikitext2", eval_windows=args.eval_windows,
@@ -238,13 +238,13 @@ def _as_text(value) -> str:
 OWL_BEFORE_OPTIONS = {"owl_lambda": 0.08, "owl_m": 5.0}
 
 
-def owl_settings(args_or_row) -> dict:
-    """``owl_lambda`` and ``owl_m`` of a run with OWL (absent without it: they change nothing);
-    a row from before they were options gets the values it ran with."""
-    get = args_or_row.get if isinstance(args_or_row, dict) else lambda k: getattr(args_or_row, k, None)
-    if _as_text(get("owl")) != "True":
+def owl_settings(settings: dict) -> dict:
+    """``owl_lambda`` and ``owl_m`` of a run with OWL, from its settings or its row (absent
+    without OWL: they change nothing); a row from before they were options gets the values it
+    ran with."""
+    if _as_text(settings.get("owl")) != "True":
         return {}
-    return {k: v if (v := get(k)) is not None and not pd.isna(v) else before
+    return {k: v if (v := settings.get(k)) is not None and not pd.isna(v) else before
             for k, before in OWL_BEFORE_OPTIONS.items()}
 
 

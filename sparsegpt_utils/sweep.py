@@ -454,8 +454,8 @@ def _stop_requests() -> Iterator[list[int]]:
     """While a sweep runs, Ctrl-C and SIGTERM only record themselves in the yielded list; the main
     thread reads it between short waits. A KeyboardInterrupt raised inside the locks of
     ``concurrent.futures`` could leave one held and the sweep hung, and a signal the kernel hands
-    to a worker thread never wakes a main thread blocked on a lock. (Main thread only: elsewhere
-    no handler can be set and a KeyboardInterrupt stays the way in.)"""
+    to a worker thread never wakes a main thread blocked on a lock. (Handlers can be set only from
+    the main thread; a sweep run from another thread is not stopped by signals.)"""
     requests: list[int] = []
     if threading.current_thread() is not threading.main_thread():
         yield requests
@@ -542,7 +542,6 @@ def run_sweep(
     if len(runs) > len(todo):
         print(f"sweep: {len(runs) - len(todo)} of {len(runs)} runs already finished, skipped")
     bar = tqdm(total=len(todo), desc=f"sweep {notebook.stem}", disable=not progress or not todo)
-    failures = 0
     # the worker threads start the papermill children and live until every child is reaped:
     # a child's death signal is tied to the thread that started it
     pool = ThreadPoolExecutor(max_workers=parallel)
@@ -552,11 +551,10 @@ def run_sweep(
             while pending and not requests:
                 done, pending = wait(pending, timeout=0.5, return_when=FIRST_COMPLETED)
                 for fut in done:
-                    failures += fut.result().status == "failed"
-                    bar.set_postfix(failed=failures)
+                    fut.result()
                     bar.update()
-        except KeyboardInterrupt:  # off the main thread
-            requests.append(signal.SIGINT)
+                if done:
+                    bar.set_postfix(failed=sum(r.status == "failed" for r in todo))
         finally:
             if requests:  # no new run starts; running notebooks are killed with their kernels
                 stop.set()
@@ -564,7 +562,7 @@ def run_sweep(
             pool.shutdown(wait=True)
             bar.close()
     interrupted = bool(requests)
-    failures = sum(r.status == "failed" for r in todo)  # runs that ended while a stop was handled too
+    failures = sum(r.status == "failed" for r in todo)
     for run in todo:
         if run.status == "pending":
             run.status = "not started"

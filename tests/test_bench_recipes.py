@@ -34,13 +34,13 @@ def test_same_run_matches_csv_round_trips_and_nothing_else():
 def test_owl_settings_tell_runs_apart_and_older_rows_keep_the_values_they_ran_with():
     bench = _bench()
     args = bench.parse_args(["--owl", "--owl-lambda", "0.15"])
-    base = {"owl": True, **bench.owl_settings(args)}
+    base = {"owl": True, **bench.owl_settings(vars(args))}
     assert base == {"owl": True, "owl_lambda": 0.15, "owl_m": 5.0}
     older = {"owl": True, "recipe": "oneshot"}  # written when lambda 0.08 and M 5 were fixed
     assert not bench.same_run(older, base, recipe="oneshot")
-    assert bench.same_run(older, {"owl": True, **bench.owl_settings(bench.parse_args(["--owl"]))},
+    assert bench.same_run(older, {"owl": True, **bench.owl_settings(vars(bench.parse_args(["--owl"])))},
                           recipe="oneshot")
-    assert bench.owl_settings(bench.parse_args([])) == {}  # without OWL they change nothing
+    assert bench.owl_settings(vars(bench.parse_args([]))) == {}  # without OWL they change nothing
 
 
 def test_plot_draws_one_curve_per_owl_setting(tmp_path, monkeypatch):
