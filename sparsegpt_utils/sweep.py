@@ -558,8 +558,7 @@ def run_sweep(
         finally:
             if requests:  # no new run starts; running notebooks are killed with their kernels
                 stop.set()
-                pool.shutdown(wait=True, cancel_futures=True)
-            pool.shutdown(wait=True)
+            pool.shutdown(wait=True, cancel_futures=bool(requests))
             bar.close()
     interrupted = bool(requests)
     failures = sum(r.status == "failed" for r in todo)
